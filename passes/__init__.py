@@ -1,0 +1,32 @@
+"""qeff.passes: the IR helpers, the pass base and registry, the manager, and one file per pass.
+
+Importing this package registers every built-in pass in ``PASS_REGISTRY``.
+"""
+
+from __future__ import annotations
+
+from qeff.passes.base import PASS_REGISTRY, NoOptions, QeffPass, describe_options, get_pass
+from qeff.passes.cleanup import CleanupPass
+from qeff.passes.fold import FoldPass
+from qeff.passes.manager import PipelineResult, default_output_path, optimize, run_passes
+from qeff.passes.model_io import as_ir_model, load_model, save_model
+from qeff.passes.pipeline import parse_pipeline, validate_sequence
+
+__all__ = [
+    "PASS_REGISTRY",
+    "QeffPass",
+    "NoOptions",
+    "get_pass",
+    "describe_options",
+    "CleanupPass",
+    "FoldPass",
+    "PipelineResult",
+    "optimize",
+    "run_passes",
+    "default_output_path",
+    "load_model",
+    "save_model",
+    "as_ir_model",
+    "parse_pipeline",
+    "validate_sequence",
+]

@@ -1,0 +1,192 @@
+"""The pass base class, typed pass options and the name registry.
+
+A qeff pass is an ``onnx_ir.passes.InPlacePass`` with a few class attributes that let the
+manager resolve it by name, parse its options from text, check the order of a pipeline and
+record what it did:
+
+- ``name`` / ``summary``: the CLI name and a one-line description for ``--list-passes``;
+- ``Options``: a dataclass whose typed fields are the pass's options (``name:key=value``);
+- ``requires``: passes that must have run before (in this pipeline or an earlier one);
+- ``once``: the pass may be applied to a model at most once;
+- ``details``: a dict the pass fills while running; it goes into the report.
+
+Subclassing registers the pass; ``PASS_REGISTRY`` maps names to classes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QeffPass", "NoOptions", "PASS_REGISTRY", "get_pass", "parse_option_value", "describe_options"]
+
+import dataclasses
+import difflib
+import logging
+import types
+import typing
+from typing import Any, ClassVar, Literal
+
+import onnx_ir as ir
+
+from qeff.errors import PassOptionError
+
+logger = logging.getLogger(__name__)
+
+PASS_REGISTRY: dict[str, type[QeffPass]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """This pass takes no options."""
+
+
+class QeffPass(ir.passes.InPlacePass):
+    """Base class of every qeff-opt pass (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    requires_passes: ClassVar[tuple[str, ...]] = ()
+    once: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.name:
+            return  # an abstract helper base
+        if not dataclasses.is_dataclass(cls.Options):
+            raise TypeError(f"{cls.__name__}.Options must be a dataclass")
+        previous = PASS_REGISTRY.get(cls.name)
+        if previous is not None and previous.__qualname__ != cls.__qualname__:
+            raise TypeError(f"pass name {cls.name!r} is taken by {previous.__qualname__}")
+        PASS_REGISTRY[cls.name] = cls
+
+    def __init__(self, options: Any = None, **kwargs: Any) -> None:
+        super().__init__()
+        if options is None:
+            options = self.Options(**kwargs)
+        elif kwargs:
+            options = dataclasses.replace(options, **kwargs)
+        self.options = options
+        self.details: dict[str, Any] = {}
+
+    @classmethod
+    def from_text(cls, text_options: dict[str, str]) -> QeffPass:
+        """Build the pass from ``key=value`` strings, converting each value to its field type."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+        hints = typing.get_type_hints(cls.Options)
+        values: dict[str, Any] = {}
+        for key, raw in text_options.items():
+            if key not in fields:
+                valid = ", ".join(fields) or "none"
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                suggestion = f"did you mean {close[0]!r}? " if close else ""
+                raise PassOptionError(
+                    f"pass {cls.name!r} has no option {key!r}",
+                    f"{suggestion}its options: {valid} (see qeff-opt --list-passes)",
+                )
+            try:
+                values[key] = parse_option_value(raw, hints[key])
+            except ValueError as e:
+                raise PassOptionError(
+                    f"{cls.name}: option {key}={raw!r} is invalid: {e}",
+                    "see qeff-opt --list-passes for the accepted values",
+                ) from None
+        try:
+            return cls(cls.Options(**values))
+        except (TypeError, ValueError) as e:
+            raise PassOptionError(f"{cls.name}: {e}", "see qeff-opt --list-passes") from None
+
+    def options_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
+
+    def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
+        """Record what the backend needs to know about this pass (KV layout, MX format, …)."""
+
+
+def get_pass(name: str) -> type[QeffPass]:
+    """Look a pass up by its CLI name, suggesting the closest name when it is unknown."""
+    try:
+        return PASS_REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(PASS_REGISTRY), n=1)
+        suggestion = f"did you mean {close[0]!r}? " if close else ""
+        raise PassOptionError(
+            f"unknown pass {name!r}",
+            f"{suggestion}available: {', '.join(sorted(PASS_REGISTRY))}",
+        ) from None
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_option_value(raw: str, annotation: Any) -> Any:
+    """Convert option text to ``annotation`` (int, float, bool, str, Literal, Optional, tuple)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and raw.lower() in {"none", ""}:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return parse_option_value(raw, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError("; ".join(errors))
+    if origin is Literal:
+        if raw in args:
+            return raw
+        raise ValueError(f"expected one of {', '.join(map(str, args))}")
+    if origin is tuple:
+        item_type = args[0] if args else str
+        return tuple(parse_option_value(part, item_type) for part in raw.split("|") if part)
+    if annotation is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ValueError("expected true or false")
+    if annotation is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if annotation is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if annotation is str:
+        return raw
+    raise ValueError(f"unsupported option type {annotation!r}")
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " | ".join(names) + (" | none" if type(None) in args else "")
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin is tuple:
+        return f"{_type_name(args[0]) if args else 'str'}|…"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_options(pass_cls: type[QeffPass]) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, help) for each option; help comes from field metadata."""
+    hints = typing.get_type_hints(pass_cls.Options)
+    rows = []
+    for field in dataclasses.fields(pass_cls.Options):
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = field.default_factory()  # type: ignore[misc]
+        else:
+            default = "required"
+        rows.append(
+            (field.name, _type_name(hints[field.name]), str(default), field.metadata.get("help", ""))
+        )
+    return rows

@@ -1,0 +1,187 @@
+"""``--verify``: run the original and the rewritten model in onnxruntime and compare outputs.
+
+Inputs are generated from the models' own signatures (see ``sample_inputs``) unless given.
+Every output the two models share by name is compared; the result records the max abs
+difference per output, and ``passed`` says whether all stay within the tolerance. Models
+whose interface changed (a KV cache added, say) need a verifier that knows the new
+contract; the generic one refuses them with a clear message rather than comparing nothing.
+"""
+
+from __future__ import annotations
+
+__all__ = ["sample_inputs", "run_onnxruntime", "compare_outputs", "verify_models"]
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qeff.errors import UnsupportedGraphError
+
+logger = logging.getLogger(__name__)
+
+# Symbolic dims whose name says they are a batch get a small batch; everything else is a
+# sequence-like length long enough to exercise masks and padding.
+DEFAULT_BATCH = 2
+DEFAULT_LENGTH = 8
+
+
+def _dim_value(dim: Any, dims: Mapping[str, int]) -> int:
+    if isinstance(dim, int):
+        return dim
+    name = getattr(dim, "value", None) or ""
+    if name in dims:
+        return dims[name]
+    if re.search(r"batch", name, re.IGNORECASE):
+        return DEFAULT_BATCH
+    return DEFAULT_LENGTH
+
+
+def _vocab_size(graph: ir.Graph, value: ir.Value) -> int | None:
+    """The row count of the embedding table this ids input indexes, if it feeds a Gather."""
+    for node, index in value.uses():
+        if node.op_type == "Gather" and index == 1:
+            table = node.inputs[0]
+            if table is not None and table.shape is not None and isinstance(table.shape[0], int):
+                return table.shape[0]
+    return None
+
+
+def sample_inputs(
+    model: ir.Model, *, seed: int = 0, dims: Mapping[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Plausible inputs for a language-model-like graph; generic random data otherwise.
+
+    ``input_ids`` are drawn below the embedding table's size, ``attention_mask`` right-pads
+    the last row by a quarter of the sequence, ``position_ids`` count valid tokens as
+    Hugging Face does. Other ints are zero, bools true, floats standard normal.
+    """
+    rng = np.random.default_rng(seed)
+    dims = dict(dims or {})
+    feeds: dict[str, np.ndarray] = {}
+    for value in model.graph.inputs:
+        if value.shape is None or value.dtype is None:
+            raise UnsupportedGraphError(
+                f"input {value.name!r} has no declared shape or type, so --verify cannot "
+                "generate data for it",
+                "declare the input's shape in the model",
+            )
+        shape = tuple(_dim_value(d, dims) for d in value.shape)
+        np_dtype = value.dtype.numpy()
+        name = value.name
+        is_int = np.issubdtype(np_dtype, np.integer)
+        if is_int and name.endswith("input_ids"):
+            vocab = _vocab_size(model.graph, value) or 100
+            feeds[name] = rng.integers(0, vocab, size=shape).astype(np_dtype)
+        elif name == "attention_mask" and len(shape) == 2:
+            mask = np.ones(shape, dtype=np_dtype)
+            if shape[0] > 1 and shape[1] > 2:
+                mask[-1, shape[1] - max(1, shape[1] // 4) :] = 0
+            feeds[name] = mask
+        elif is_int:
+            feeds[name] = np.zeros(shape, dtype=np_dtype)
+        elif value.dtype == ir.DataType.BOOL:
+            feeds[name] = np.ones(shape, dtype=bool)
+        else:
+            feeds[name] = rng.standard_normal(shape).astype(np_dtype)
+    if "position_ids" in feeds and "attention_mask" in feeds:
+        mask = feeds["attention_mask"].astype(np.int64)
+        if feeds["position_ids"].shape == mask.shape:
+            feeds["position_ids"] = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(
+                feeds["position_ids"].dtype
+            )
+    elif "position_ids" in feeds:
+        pos = feeds["position_ids"]
+        if pos.ndim == 2:
+            feeds["position_ids"] = np.broadcast_to(np.arange(pos.shape[1]), pos.shape).astype(pos.dtype)
+    return feeds
+
+
+def run_onnxruntime(
+    path: str | os.PathLike, feeds: Mapping[str, np.ndarray], providers: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Run a model file on onnxruntime (CPU unless providers say otherwise)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        str(path), options, providers=providers or ["CPUExecutionProvider"]
+    )
+    wanted = {i.name for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    outputs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    return dict(zip(names, outputs))
+
+
+def compare_outputs(
+    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]
+) -> dict[str, dict[str, Any]]:
+    result = {}
+    for name, ref in reference.items():
+        if name not in candidate:
+            continue
+        got = candidate[name]
+        if ref.shape != got.shape:
+            result[name] = {"shape": list(ref.shape), "candidate_shape": list(got.shape), "max_abs": float("inf")}
+            continue
+        if ref.size == 0:
+            diff = 0.0
+        elif ref.dtype == bool or np.issubdtype(ref.dtype, np.integer):
+            diff = float(np.max(np.abs(ref.astype(np.int64) - got.astype(np.int64))))
+        else:
+            a = ref.astype(np.float64)
+            b = got.astype(np.float64)
+            same_nonfinite = (~np.isfinite(a)) & (a == b) | (np.isnan(a) & np.isnan(b))
+            delta = np.where(same_nonfinite, 0.0, np.abs(a - b))
+            diff = float(np.nan_to_num(np.max(delta), nan=np.inf))
+        result[name] = {"shape": list(ref.shape), "max_abs": diff}
+    return result
+
+
+def verify_models(
+    reference: str | os.PathLike,
+    candidate: str | os.PathLike,
+    *,
+    tolerance: float = 1e-4,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    seed: int = 0,
+    dims: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """Compare two model files on the same inputs; returns a JSON-able summary."""
+    ref_model = ir.load(reference)
+    cand_model = ir.load(candidate)
+    ref_inputs = {v.name for v in ref_model.graph.inputs}
+    extra = [v.name for v in cand_model.graph.inputs if v.name not in ref_inputs]
+    if extra:
+        raise UnsupportedGraphError(
+            f"the rewritten model takes inputs the original does not ({', '.join(extra)}), so "
+            "the generic --verify cannot compare them",
+            "verify with the verifier of the pass that changed the interface",
+        )
+    if feeds is None:
+        feeds = sample_inputs(ref_model, seed=seed, dims=dims)
+    del ref_model, cand_model  # release the memory maps before onnxruntime opens the files
+    ref_out = run_onnxruntime(reference, feeds)
+    cand_out = run_onnxruntime(candidate, feeds)
+    per_output = compare_outputs(ref_out, cand_out)
+    if not per_output:
+        raise UnsupportedGraphError(
+            "the rewritten model shares no output name with the original; nothing to compare",
+            "keep at least one output name",
+        )
+    worst = max(v["max_abs"] for v in per_output.values())
+    return {
+        "method": "onnxruntime, same inputs, outputs compared by name",
+        "inputs": {k: list(v.shape) for k, v in feeds.items()},
+        "outputs": per_output,
+        "max_abs": worst,
+        "tolerance": tolerance,
+        "passed": bool(worst <= tolerance),
+        "reference": str(Path(reference)),
+    }

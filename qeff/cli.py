@@ -1,0 +1,263 @@
+"""Command-line interface: ``qeff-opt`` (run passes) and ``qeff`` (export, opt, demo).
+
+Errors the user can fix are printed as one line on stderr with exit code 2 and no traceback;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qeff.errors import QeffError
+
+logger = logging.getLogger(__name__)
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _State:
+    debug = False
+    program = "qeff"
+
+
+def _set_debug(debug: bool) -> None:
+    if debug:
+        _State.debug = True
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _run_app(app: typer.Typer, program: str) -> None:
+    """Invoke a typer app, turning QeffError into one line on stderr and exit code 2."""
+    _State.program = program
+    try:
+        # Standalone mode lets click report usage errors itself (exit 2); our own errors are
+        # not click exceptions, so they propagate to here.
+        app(prog_name=program)
+    except QeffError as e:
+        if _State.debug:
+            raise
+        err_console.print(f"[bold red]{program}: error:[/] {e.one_line()}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print(f"{program}: interrupted; nothing was written")
+        sys.exit(130)
+    except Exception as e:  # a bug, not bad input: say so, keep it short unless --debug
+        if _State.debug:
+            raise
+        err_console.print(
+            f"[bold red]{program}: internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------
+# qeff-opt
+# ----------------------------------------------------------------------------------------
+
+def print_pass_list() -> None:
+    from qeff.passes import PASS_REGISTRY, describe_options
+
+    table = Table(title="qeff-opt passes", title_justify="left", show_lines=True)
+    table.add_column("pass", style="bold")
+    table.add_column("what it does")
+    table.add_column("options (name:key=value,…)")
+    for name, cls in sorted(PASS_REGISTRY.items()):
+        options = "\n".join(
+            f"{opt}: {typ} = {default}" + (f" — {help_}" if help_ else "")
+            for opt, typ, default, help_ in describe_options(cls)
+        )
+        needs = f"\nneeds: {', '.join(cls.requires_passes)}" if cls.requires_passes else ""
+        table.add_row(name, cls.summary + needs, options or "—")
+    console.print(table)
+
+
+def run_opt(
+    model: Optional[Path],
+    passes: Optional[str],
+    output: Optional[Path],
+    ctx_len: Optional[int],
+    verify: bool,
+    tolerance: float,
+    report: Optional[Path],
+    external_data: Optional[bool],
+    quiet: bool,
+) -> None:
+    from qeff.passes import default_output_path, optimize
+    from qeff.passes.pipeline import build_passes, parse_pipeline
+
+    if model is None:
+        raise QeffError("no model given", "usage: qeff-opt MODEL.onnx --passes cleanup,fold [-o OUT.onnx]")
+    if not passes:
+        raise QeffError("no passes given", "add --passes, e.g. --passes cleanup,fold (see --list-passes)")
+    overrides = {"ctx_len": str(ctx_len)} if ctx_len is not None else None
+    pipeline = build_passes(parse_pipeline(passes), overrides)
+    if output is None:
+        output = default_output_path(model, pipeline)
+    start = time.perf_counter()
+    result = optimize(
+        model,
+        pipeline,
+        output,
+        verify=verify,
+        tolerance=tolerance,
+        report_path=report,
+        external_data=external_data,
+        progress=not quiet,
+    )
+    if quiet:
+        return
+    console.print(result.report.rich_table())
+    if result.report.verification:
+        v = result.report.verification
+        console.print(
+            f"verify: max abs difference {v['max_abs']:.3g} over outputs "
+            f"{', '.join(v['outputs'])} (tolerance {v['tolerance']:g}) — [green]passed[/]"
+        )
+    console.print(
+        f"wrote {result.output} and {result.manifest_path.name}"
+        + (f", report {report}" if report else "")
+        + f" in {time.perf_counter() - start:.1f} s"
+    )
+
+
+opt_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@opt_app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def qeff_opt(
+    model: Optional[Path] = typer.Argument(None, help="input ONNX model (never modified)"),
+    passes: Optional[str] = typer.Option(
+        None, "--passes", "-p", help="comma-separated passes with options, e.g. cleanup,fold:max_elements=4096"
+    ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output model (default: MODEL.<passes>.onnx)"),
+    ctx_len: Optional[int] = typer.Option(None, "--ctx-len", help="context length for passes that take ctx_len"),
+    verify: bool = typer.Option(False, "--verify", help="compare original and rewritten model in onnxruntime"),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="max abs difference --verify accepts"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the change report as JSON"),
+    external_data: Optional[bool] = typer.Option(
+        None, "--external-data/--no-external-data", help="weights in a .data file (default: as the input, or when > 1 GiB)"
+    ),
+    list_passes: bool = typer.Option(False, "--list-passes", help="list passes and their options, then exit"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing on success"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks and debug logs"),
+) -> None:
+    """Rewrite an ONNX model with qeff-opt passes (kv, fixed, fp16clip, mx*, cleanup, fold…)."""
+    _set_debug(debug)
+    if list_passes:
+        print_pass_list()
+        return
+    run_opt(model, passes, output, ctx_len, verify, tolerance, report, external_data, quiet)
+
+
+def opt_main() -> None:
+    _run_app(opt_app, "qeff-opt")
+
+
+# ----------------------------------------------------------------------------------------
+# qeff
+# ----------------------------------------------------------------------------------------
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="qeff-opt: export Hugging Face LLMs to ONNX and rewrite them for Cloud AI 100.",
+)
+
+
+@app.callback()
+def _main_options(
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks and debug logs"),
+) -> None:
+    _set_debug(debug)
+
+
+# ``qeff opt`` is the same command as ``qeff-opt``.
+app.command("opt", help="Rewrite an ONNX model with qeff-opt passes (same as qeff-opt).")(qeff_opt)
+
+
+@app.command("export")
+def export_command(
+    source: Optional[Path] = typer.Argument(
+        None, help="local model folder with config.json and *.safetensors"
+    ),
+    tiny: Optional[str] = typer.Option(None, "--tiny", help="built-in tiny random model by architecture, e.g. llama"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output .onnx (default: <name>.onnx)"),
+    exporter: str = typer.Option("dynamo", "--exporter", help="dynamo or torchscript"),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)"),
+    seed: int = typer.Option(0, "--seed", help="seed for the tiny model's random weights"),
+    attn: str = typer.Option("eager", "--attn", help="attention implementation: eager or sdpa"),
+    external_data: Optional[bool] = typer.Option(
+        None, "--external-data/--no-external-data", help="weights in a .data file (default: when > 1 GiB)"
+    ),
+    check: bool = typer.Option(True, "--check/--no-check", help="compare onnxruntime with torch after export"),
+) -> None:
+    """Export a Hugging Face causal LM to plain ONNX (input_ids, attention_mask, position_ids → logits)."""
+    from qeff.errors import ExportError
+
+    if exporter not in ("dynamo", "torchscript"):
+        raise ExportError(f"unknown exporter {exporter!r}", "use --exporter dynamo or --exporter torchscript")
+    if attn not in ("eager", "sdpa"):
+        raise ExportError(f"unknown attention implementation {attn!r}", "use --attn eager or --attn sdpa")
+    if (source is None) == (tiny is None):
+        raise ExportError("give either a model folder or --tiny ARCH", "e.g. qeff export --tiny llama -o llama.onnx")
+    if output is None:
+        name = tiny if tiny else (source.resolve().name or "model")
+        output = Path(f"{name}.onnx")
+    from qeff.passes.model_io import check_output_path
+
+    check_output_path(output)
+    from qeff.frontend import export_model
+
+    result = export_model(
+        source=source,
+        tiny=tiny,
+        output=output,
+        exporter=exporter,
+        opset=opset,
+        seed=seed,
+        attn_implementation=attn,
+        external_data=external_data,
+        check=check,
+        progress=True,
+    )
+    console.print(
+        f"exported {result.architecture} ({result.num_parameters:,} parameters) with {result.exporter}, "
+        f"opset {result.opset}, to {result.path} in {result.seconds:.1f} s"
+    )
+    if result.max_abs_diff is not None:
+        console.print(f"onnxruntime vs torch: max abs logits difference {result.max_abs_diff:.2e}")
+
+
+@app.command("demo")
+def demo_command(
+    arch: str = typer.Option("llama", "--arch", help="tiny architecture to build"),
+    workdir: Path = typer.Option(Path("qeff-demo"), "--workdir", help="where the demo writes its files"),
+    passes: str = typer.Option("cleanup,fold", "--passes", help="passes to run"),
+) -> None:
+    """Build a tiny model, export it, rewrite it and verify it: the whole flow on one screen."""
+    from qeff.demo import run_demo
+
+    run_demo(arch=arch, workdir=workdir, passes=passes, console=console)
+
+
+def main() -> None:
+    _run_app(app, "qeff")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""CLI behaviour: every bad input is one line on stderr, exit code 2, no output, input intact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from qeff import cli
+from qeff.passes import as_ir_model, save_model
+from tests.graphs import mlp_model, parse, save
+
+
+def invoke(main, args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [main.__name__, *map(str, args)])
+    monkeypatch.setattr(cli._State, "debug", False)
+    with pytest.raises(SystemExit) as exc:
+        main()
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _external(tmp_path: Path) -> Path:
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    text = """
+    <ir_version: 10, opset_import: ["" : 18]>
+    g (float[2, 64] x) => (float[2, 64] y) { y = MatMul(x, w) }
+    """
+    return save_model(as_ir_model(parse(text, {"w": w})), tmp_path / "m.onnx", external_data=True)
+
+
+def _set_location(path: Path, location: str) -> None:
+    proto = onnx.load(str(path), load_external_data=False)
+    for t in proto.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, str(path))
+
+
+def _not_onnx(tmp_path):
+    p = tmp_path / "m.onnx"
+    p.write_text("hello, I am a text file\n" * 20)
+    return p, ["--passes", "cleanup"]
+
+
+def _truncated(tmp_path):
+    p = save(mlp_model()[0], tmp_path / "m.onnx")
+    p.write_bytes(p.read_bytes()[:150])
+    return p, ["--passes", "cleanup"]
+
+
+def _missing_data(tmp_path):
+    p = _external(tmp_path)
+    (tmp_path / "m.onnx.data").unlink()
+    return p, ["--passes", "cleanup"]
+
+
+def _escaping_data(tmp_path):
+    p = _external(tmp_path)
+    _set_location(p, "../m.onnx.data")
+    return p, ["--passes", "cleanup"]
+
+
+def _unknown_pass(tmp_path):
+    return save(mlp_model()[0], tmp_path / "m.onnx"), ["--passes", "cleanup,foldd"]
+
+
+def _malformed_option(tmp_path):
+    return save(mlp_model()[0], tmp_path / "m.onnx"), ["--passes", "fold:max_elements"]
+
+
+def _unknown_option(tmp_path):
+    return save(mlp_model()[0], tmp_path / "m.onnx"), ["--passes", "fold:max_elems=3"]
+
+
+def _bad_option_value(tmp_path):
+    return save(mlp_model()[0], tmp_path / "m.onnx"), ["--passes", "fold:max_elements=lots"]
+
+
+def _output_is_input(tmp_path):
+    p = save(mlp_model()[0], tmp_path / "m.onnx")
+    return p, ["--passes", "cleanup", "-o", p]
+
+
+def _ctx_len_unused(tmp_path):
+    return save(mlp_model()[0], tmp_path / "m.onnx"), ["--passes", "cleanup", "--ctx-len", "128"]
+
+
+def _missing_file(tmp_path):
+    return tmp_path / "nothing.onnx", ["--passes", "cleanup"]
+
+
+BAD_INPUTS = {
+    "not onnx": (_not_onnx, "not a valid ONNX model|empty ONNX model"),
+    "truncated": (_truncated, "not a valid ONNX model|truncated"),
+    "missing external data": (_missing_data, "missing"),
+    "data escapes folder": (_escaping_data, "outside the model's folder"),
+    "unknown pass": (_unknown_pass, "unknown pass 'foldd' — did you mean 'fold'"),
+    "malformed option": (_malformed_option, "malformed option"),
+    "unknown option": (_unknown_option, "has no option 'max_elems'"),
+    "bad option value": (_bad_option_value, "expected an integer"),
+    "output is input": (_output_is_input, "would overwrite the input"),
+    "ctx-len unused": (_ctx_len_unused, "no pass in the list takes it"),
+    "missing file": (_missing_file, "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
+    make, fragment = BAD_INPUTS[case]
+    model, args = make(tmp_path)
+    before = _tree_digest(tmp_path)
+    code, out, err = invoke(cli.opt_main, [model, *args], monkeypatch, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("qeff-opt: error:")
+    import re
+
+    assert re.search(fragment, lines[0]), lines[0]
+    assert "Traceback" not in err
+    assert _tree_digest(tmp_path) == before  # no output file, input untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    p, args = _unknown_pass(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["qeff-opt", str(p), *args, "--debug"])
+    from qeff.errors import PassOptionError
+
+    with pytest.raises(PassOptionError):
+        cli.opt_main()
+
+
+def test_success_writes_model_manifest_and_report(tmp_path, monkeypatch, capsys):
+    src = save(mlp_model()[0], tmp_path / "m.onnx")
+    code, out, err = invoke(
+        cli.opt_main,
+        [src, "--passes", "cleanup,fold", "--report", tmp_path / "r.json", "--verify"],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0, err
+    assert (tmp_path / "m.cleanup.fold.onnx").exists()  # the default output name
+    assert (tmp_path / "m.cleanup.fold.qeff.json").exists()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "fold"]
+    assert report["verification"]["passed"]
+    assert "passed" in out and "cleanup" in out
+
+
+def test_list_passes(monkeypatch, capsys):
+    code, out, _ = invoke(cli.opt_main, ["--list-passes"], monkeypatch, capsys)
+    assert code == 0
+    assert "cleanup" in out and "fold" in out and "max_elements" in out
+
+
+def test_qeff_opt_subcommand_matches(tmp_path, monkeypatch, capsys):
+    src = save(mlp_model()[0], tmp_path / "m.onnx")
+    code, _, err = invoke(cli.main, ["opt", src, "-p", "cleanup", "-o", tmp_path / "o.onnx", "-q"], monkeypatch, capsys)
+    assert code == 0, err
+    assert (tmp_path / "o.onnx").exists()
+    code, _, err = invoke(cli.main, ["opt", src, "-p", "nope"], monkeypatch, capsys)
+    assert code == 2 and err.startswith("qeff: error:")
+
+
+def test_export_argument_errors(tmp_path, monkeypatch, capsys):
+    code, _, err = invoke(cli.main, ["export", "-o", tmp_path / "x.onnx"], monkeypatch, capsys)
+    assert code == 2 and "either a model folder or --tiny" in err
+    code, _, err = invoke(cli.main, ["export", "--tiny", "llama", "--exporter", "jit"], monkeypatch, capsys)
+    assert code == 2 and "unknown exporter" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_errors_exit_2(monkeypatch, capsys):
+    code, _, err = invoke(cli.opt_main, ["--no-such-flag"], monkeypatch, capsys)
+    assert code == 2 and "No such option" in err
+
+
+def test_console_scripts_are_installed():
+    bindir = Path(sys.executable).parent
+    for script in ("qeff-opt", "qeff"):
+        done = subprocess.run([bindir / script, "--help"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "Usage" in done.stdout
