@@ -100,6 +100,15 @@ class QeffPass(ir.passes.InPlacePass):
     def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
         """Record what the backend needs to know about this pass (KV layout, MX format, …)."""
 
+    def verify(self, reference: Any, candidate: Any, tolerance: float) -> dict[str, Any] | None:
+        """Compare model files for ``--verify`` when this pass changes the model's interface.
+
+        Return None (the default) to let the generic same-inputs comparison run; a pass such
+        as ``kv`` that changes how the model is driven returns its own summary, which must
+        hold ``passed``, ``max_abs`` and ``tolerance``.
+        """
+        return None
+
 
 def get_pass(name: str) -> type[QeffPass]:
     """Look a pass up by its CLI name, suggesting the closest name when it is unknown."""

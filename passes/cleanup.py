@@ -7,9 +7,9 @@ __all__ = ["CleanupPass"]
 import dataclasses
 import hashlib
 import logging
+import os
 from collections import defaultdict
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import (
     IdentityEliminationPass,
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # random weights differ in their first bytes, so a multi-gigabyte model is deduplicated
 # without reading it twice.
 _PROBE_BYTES = 4096
+_CHUNK_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +51,8 @@ class CleanupPass(QeffPass):
     3. Initializers nothing reads are removed (never a graph input or output).
     4. Graph inputs nothing reads are removed (``remove_unused_inputs``).
     5. Initializers with the same dtype, shape and bytes become one (``deduplicate``); the
-       comparison first probes a few KB at both ends, then compares in full, reading
-       memory-mapped weights without copying them.
+       comparison first probes a few KB at both ends, and only tensors whose ends agree are
+       hashed in full, streaming, and byte-compared.
     6. Nodes are put in topological order.
     """
 
@@ -113,14 +114,17 @@ class CleanupPass(QeffPass):
                 continue
             by_probe: dict[bytes, list[ir.Value]] = defaultdict(list)
             for value in candidates:
-                by_probe[_probe(value.const_value)].append(value)
+                by_probe[_digest(value.const_value, probe_only=True)].append(value)
             for same_probe in by_probe.values():
-                kept: list[tuple[ir.Value, np.ndarray]] = []
+                if len(same_probe) < 2:
+                    continue
+                # Rare: equal ends. Hash in full, streaming; equal digests are byte-compared.
+                by_digest: dict[bytes, ir.Value] = {}
                 for value in same_probe:
-                    data = _as_bytes_array(value.const_value)
-                    twin = next((k for k, kd in kept if np.array_equal(kd, data)), None)
-                    if twin is None:
-                        kept.append((value, data))
+                    digest = _digest(value.const_value, probe_only=False)
+                    twin = by_digest.get(digest)
+                    if twin is None or not _same_bytes(twin.const_value, value.const_value):
+                        by_digest.setdefault(digest, value)
                         continue
                     ir.convenience.replace_all_uses_with(value, twin)
                     del graph.initializers[value.name]
@@ -129,16 +133,58 @@ class CleanupPass(QeffPass):
         return merged
 
 
-def _as_bytes_array(tensor: ir.TensorProtocol) -> np.ndarray:
-    """A flat uint8 view of the tensor's bytes (a view into the memory map when external)."""
-    if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOAT4E2M1):
-        return np.frombuffer(tensor.tobytes(), dtype=np.uint8)
-    array = np.ascontiguousarray(tensor.numpy())
-    return array.reshape(-1).view(np.uint8)
+class _ByteReader:
+    """Reads a tensor's stored bytes by range: ``pread`` on external data, no memory map.
+
+    Reading the file directly keeps RSS flat on multi-gigabyte models and works for packed
+    sub-byte types, whose bytes are compared as stored.
+    """
+
+    def __init__(self, tensor: ir.TensorProtocol) -> None:
+        self.size = tensor.nbytes
+        self._fd: int | None = None
+        self._bytes: bytes | None = None
+        if isinstance(tensor, ir.ExternalTensor):
+            self._fd = os.open(str(tensor.path), os.O_RDONLY)
+            self._base = tensor.offset or 0
+        else:
+            self._bytes = tensor.tobytes()
+
+    def read(self, start: int, size: int) -> bytes:
+        size = max(0, min(size, self.size - start))  # never past this tensor's end
+        if self._bytes is not None:
+            return self._bytes[start : start + size]
+        return os.pread(self._fd, size, self._base + start)
+
+    def chunks(self):
+        for start in range(0, self.size, _CHUNK_BYTES):
+            yield self.read(start, _CHUNK_BYTES)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> _ByteReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _probe(tensor: ir.TensorProtocol) -> bytes:
-    data = _as_bytes_array(tensor)
-    head = data[:_PROBE_BYTES].tobytes()
-    tail = data[-_PROBE_BYTES:].tobytes() if data.size > _PROBE_BYTES else b""
-    return hashlib.blake2b(head + tail, digest_size=16).digest()
+def _digest(tensor: ir.TensorProtocol, *, probe_only: bool) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    with _ByteReader(tensor) as reader:
+        if probe_only:
+            h.update(reader.read(0, _PROBE_BYTES))
+            if reader.size > _PROBE_BYTES:
+                h.update(reader.read(max(_PROBE_BYTES, reader.size - _PROBE_BYTES), _PROBE_BYTES))
+        else:
+            for chunk in reader.chunks():
+                h.update(chunk)
+    return h.digest()
+
+
+def _same_bytes(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
+    with _ByteReader(a) as ra, _ByteReader(b) as rb:
+        return ra.size == rb.size and all(x == y for x, y in zip(ra.chunks(), rb.chunks()))

@@ -165,7 +165,7 @@ def optimize(
             staged = None
         try:
             if verify:
-                result.report.verification = _verify(reference, staged.path, tolerance)
+                result.report.verification = _verify(pipeline, reference, staged.path, tolerance)
             verified = not verify or result.report.verification["passed"]
             if output is not None and verified:
                 result.output = staged.commit()
@@ -187,7 +187,14 @@ def optimize(
     return result
 
 
-def _verify(reference: Path, candidate: Path, tolerance: float) -> dict[str, Any]:
+def _verify(
+    pipeline: Sequence[QeffPass], reference: Path, candidate: Path, tolerance: float
+) -> dict[str, Any]:
+    """The last pass that knows how to drive the rewritten model verifies; else the generic check."""
     from qeff.passes.verify import verify_models
 
+    for p in reversed(pipeline):
+        summary = p.verify(reference, candidate, tolerance)
+        if summary is not None:
+            return summary
     return verify_models(reference, candidate, tolerance=tolerance)

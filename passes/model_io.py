@@ -208,7 +208,7 @@ class StagedModel:
         self.path = self._dir / self.destination.name
         try:
             if external_data:
-                _save_with_progress(model, self.path, self.data_name, progress)
+                _save_external(model, self.path, self.data_name, progress)
             else:
                 ir.save(model, self.path)
         except BaseException:
@@ -255,18 +255,85 @@ def save_model(
         return staged.commit()
 
 
-def _save_with_progress(model: ir.Model, path: Path, data_name: str, progress: bool) -> None:
-    if not progress:
-        ir.save(model, path, external_data=data_name, max_workers=2)
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+# Initializers at or below this size stay inline in the model file (as ``ir.save`` does).
+INLINE_THRESHOLD_BYTES = 256
+_COPY_CHUNK = 64 << 20
 
-    with Progress(
-        TextColumn("[bold]saving weights"), BarColumn(), DownloadColumn(), transient=True
-    ) as bar:
-        task = bar.add_task("save", total=model_nbytes(model))
 
-        def on_tensor(tensor: ir.TensorProtocol, info: Any) -> None:
-            bar.advance(task, tensor.nbytes)
+def _save_external(model: ir.Model, path: Path, data_name: str, progress: bool) -> None:
+    """Write weights to ``data_name`` beside ``path`` and the graph to ``path``.
 
-        ir.save(model, path, external_data=data_name, callback=on_tensor, max_workers=2)
+    Weights that still live in an input data file are copied range by range inside the kernel
+    (``os.copy_file_range``), as a plain file copy would, so they never pass through Python
+    memory; weights a pass rewrote are written one tensor at a time. The model's own tensors
+    are swapped for references into the new file only while the graph is serialised.
+    """
+    values = [v for g in model.graphs() for v in g.initializers.values() if v.const_value is not None]
+    external = [v for v in values if v.const_value.nbytes > INLINE_THRESHOLD_BYTES]
+    total = sum(v.const_value.nbytes for v in external)
+    originals = {v: v.const_value for v in external}
+    bar = _progress_bar(total) if progress and total else None
+    sources: dict[str, int] = {}
+    try:
+        with open(path.parent / data_name, "wb") as out:
+            offset = 0
+            for value in external:
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    _copy_range(tensor, out, sources)
+                else:
+                    out.write(tensor.tobytes())
+                length = tensor.nbytes
+                value.const_value = ir.ExternalTensor(
+                    data_name, offset, length, tensor.dtype,
+                    shape=tensor.shape, name=value.name, base_dir=path.parent,
+                )
+                offset += length
+                if bar is not None:
+                    bar[0].advance(bar[1], length)
+        ir.save(model, path)
+    finally:
+        for value, tensor in originals.items():
+            value.const_value = tensor
+        for fd in sources.values():
+            os.close(fd)
+        if bar is not None:
+            bar[0].stop()
+
+
+def _copy_range(tensor: ir.ExternalTensor, out: Any, sources: dict[str, int]) -> None:
+    src_path = str(tensor.path)
+    if src_path not in sources:
+        sources[src_path] = os.open(src_path, os.O_RDONLY)
+    src = sources[src_path]
+    position = tensor.offset or 0
+    remaining = tensor.nbytes
+    out.flush()
+    dst = out.fileno()
+    while remaining:
+        try:
+            copied = os.copy_file_range(src, dst, min(remaining, 1 << 30), position)
+        except OSError:
+            copied = 0  # e.g. across file systems on old kernels: fall back to read/write
+        if copied == 0:
+            chunk = os.pread(src, min(remaining, _COPY_CHUNK), position)
+            if not chunk:
+                raise ModelLoadError(
+                    f"external data of {tensor.name!r} ends early in {src_path}",
+                    "the data file is truncated; re-export the model",
+                )
+            copied = os.write(dst, chunk)
+        position += copied
+        remaining -= copied
+
+
+def _progress_bar(total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    bar = Progress(
+        TextColumn("[bold]writing weights"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        transient=True, console=Console(stderr=True),
+    )
+    bar.start()
+    return bar, bar.add_task("save", total=total)

@@ -157,7 +157,6 @@ class Report:
             ("nodes", "right"),
             ("ops changed", "left"),
             ("initializers", "right"),
-            ("weights", "right"),
             ("notes", "left"),
         ):
             table.add_column(col, justify=justify)
@@ -165,7 +164,9 @@ class Report:
             ops = ", ".join(f"{op} {d:+d}" for op, d in sorted(p.ops_delta.items(), key=lambda kv: kv[1]))
             init_change = f"{p.initializers_before}→{p.initializers_after}"
             if p.initializers_replaced:
-                init_change += f" ({p.initializers_replaced} rewritten)"
+                init_change += f", {p.initializers_replaced} rewritten"
+            if p.bytes_before != p.bytes_after:
+                init_change += f"\n{_fmt_bytes(p.bytes_before)}→{_fmt_bytes(p.bytes_after)}"
             notes = "; ".join(
                 _summarize_detail(k, v) for k, v in p.details.items() if v not in (0, False, None, [], {})
             )
@@ -183,7 +184,6 @@ class Report:
                 f"{p.nodes_before}→{p.nodes_after}",
                 ops or "—",
                 init_change,
-                f"{_fmt_bytes(p.bytes_before)}→{_fmt_bytes(p.bytes_after)}",
                 notes or ("no change" if not p.modified else ""),
             )
         return table

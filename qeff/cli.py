@@ -246,13 +246,14 @@ def export_command(
 @app.command("demo")
 def demo_command(
     arch: str = typer.Option("llama", "--arch", help="tiny architecture to build"),
+    exporter: str = typer.Option("torchscript", "--exporter", help="dynamo or torchscript"),
     workdir: Path = typer.Option(Path("qeff-demo"), "--workdir", help="where the demo writes its files"),
     passes: str = typer.Option("cleanup,fold", "--passes", help="passes to run"),
 ) -> None:
     """Build a tiny model, export it, rewrite it and verify it: the whole flow on one screen."""
     from qeff.demo import run_demo
 
-    run_demo(arch=arch, workdir=workdir, passes=passes, console=console)
+    run_demo(arch=arch, exporter=exporter, workdir=workdir, passes=passes, console=console)
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 """``qeff demo``: the whole flow on an embedded tiny model, end to end, on one screen.
 
-1. build a tiny Hugging Face model with random weights (no hub needed) and export it plainly;
+1. build a tiny Hugging Face model with random weights (no hub needed) and export it plainly
+   (TorchScript by default: its graphs carry the run-time shape arithmetic ``fold`` removes;
+   the dynamo exporter already folds most of it);
 2. check the export against torch in onnxruntime;
 3. run the passes with ``--verify`` (original vs rewritten in onnxruntime);
 4. print what changed.
@@ -17,7 +19,12 @@ from rich.console import Console
 
 
 def run_demo(
-    *, arch: str = "llama", workdir: Path = Path("qeff-demo"), passes: str = "cleanup,fold", console: Console | None = None
+    *,
+    arch: str = "llama",
+    exporter: str = "torchscript",
+    workdir: Path = Path("qeff-demo"),
+    passes: str = "cleanup,fold",
+    console: Console | None = None,
 ) -> dict:
     from qeff.frontend import export_model
     from qeff.passes import optimize
@@ -28,7 +35,9 @@ def run_demo(
     start = time.perf_counter()
 
     console.rule(f"[bold]qeff demo[/] — tiny {arch}, passes {passes}")
-    exported = export_model(tiny=arch, output=workdir / f"tiny-{arch}.onnx", check=True, progress=True)
+    exported = export_model(
+        tiny=arch, exporter=exporter, output=workdir / f"tiny-{arch}.onnx", check=True, progress=True
+    )
     console.print(
         f"1. exported tiny {arch} ({exported.num_parameters:,} random parameters) with "
         f"{exported.exporter} to {exported.path} — onnxruntime vs torch max abs diff "

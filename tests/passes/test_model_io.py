@@ -191,3 +191,29 @@ def test_manifest_and_report_beside_output(tmp_path):
     assert fold["details"]["folded"]["Concat"] == 1
     assert fold["nodes_after"] < fold["nodes_before"]
     assert report["output"] == str(result.output)
+
+
+def test_external_save_mixes_copied_and_rewritten_weights(tmp_path):
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((64, 64)).astype(np.float32)
+    w2 = rng.standard_normal((64, 64)).astype(np.float32)
+    text = """
+    <ir_version: 10, opset_import: ["" : 18]>
+    g (float[2, 64] x) => (float[2, 64] y) {
+        t = MatMul(x, w1)
+        y = MatMul(t, w2)
+    }
+    """
+    src = save_model(as_ir_model(parse(text, {"w1": w1, "w2": w2})), tmp_path / "m.onnx", external_data=True)
+    model = load_model(src)
+    # w1 stays in the input's data file (copied by range), w2 is rewritten in memory.
+    model.graph.initializers["w2"].const_value = ir.tensor(2 * w2, name="w2")
+    out = save_model(model, tmp_path / "o.onnx", external_data=True)
+    assert (tmp_path / "o.onnx.data").stat().st_size == w1.nbytes + w2.nbytes
+    # the in-memory model still reads from the input file afterwards
+    assert model.graph.initializers["w1"].const_value.path.endswith("m.onnx.data")
+    reloaded = load_model(out)
+    np.testing.assert_array_equal(reloaded.graph.initializers["w1"].const_value.numpy(), w1)
+    np.testing.assert_array_equal(reloaded.graph.initializers["w2"].const_value.numpy(), 2 * w2)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})["y"], x @ w1 @ (2 * w2), rtol=1e-4, atol=1e-4)

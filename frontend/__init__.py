@@ -1,0 +1,32 @@
+"""Frontend stage: plain ONNX export of Hugging Face causal LMs.
+
+Produces the graph every later pass starts from: ``(input_ids, attention_mask, position_ids)
+-> logits`` with symbolic ``batch`` and ``seq`` dimensions, no KV cache. torch and transformers
+are an optional extra (``qeff-opt[export]``): this package imports without them, and the
+functions that need them raise :class:`~qeff.errors.MissingDependencyError`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .api import ExportResult, export_model
+from .check import compare_with_onnxruntime
+from .export import export_causal_lm
+from .loading import load_causal_lm
+from .randomize import randomize_parameters
+from .tiny import TINY_ARCHITECTURES, build_tiny_model, tiny_config
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TINY_ARCHITECTURES",
+    "tiny_config",
+    "build_tiny_model",
+    "randomize_parameters",
+    "load_causal_lm",
+    "export_causal_lm",
+    "compare_with_onnxruntime",
+    "export_model",
+    "ExportResult",
+]
