@@ -195,3 +195,32 @@ def test_console_scripts_are_installed():
         done = subprocess.run([bindir / script, "--help"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert "Usage" in done.stdout
+
+
+def test_export_then_opt_from_the_command_line(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "gpt2.onnx"
+    code, stdout, err = invoke(cli.main, ["export", "--tiny", "gpt2", "-o", out], monkeypatch, capsys)
+    assert code == 0, err
+    assert "onnxruntime vs torch: max abs logits difference" in stdout
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["input_ids", "attention_mask", "position_ids"]
+    code, _, err = invoke(cli.opt_main, [out, "-p", "cleanup,fold", "--verify", "-q"], monkeypatch, capsys)
+    assert code == 0, err
+    assert (tmp_path / "gpt2.cleanup.fold.onnx").exists()
+
+
+def test_export_unknown_architecture(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    code, _, err = invoke(cli.main, ["export", "--tiny", "bloom", "-o", tmp_path / "b.onnx"], monkeypatch, capsys)
+    assert code == 2 and "bloom" in err and "llama" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_runs_the_flow(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    code, out, err = invoke(cli.main, ["demo", "--workdir", tmp_path / "demo", "--arch", "gpt2"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "verified in onnxruntime" in out
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["verification"]["passed"]
+    assert report["passes"][1]["nodes_after"] < report["passes"][0]["nodes_before"]
