@@ -90,27 +90,14 @@ def _config_kwargs(arch: str) -> dict[str, Any]:
             # "batched_mm" computes the same mixture with Gather + MatMul, which exports.
             kwargs["experts_implementation"] = "batched_mm"
         return kwargs
+    # GPT-2, GPT-J and CodeGen share GPT-2's config vocabulary; the last two add partial rotary.
+    gpt_style = {"n_layer": _LAYERS, "n_embd": _HIDDEN, "n_head": _HEADS, "n_positions": _POSITIONS, "vocab_size": _VOCAB}
     if arch == "gpt2":
-        return {"n_layer": _LAYERS, "n_embd": _HIDDEN, "n_head": _HEADS, "n_positions": _POSITIONS, "vocab_size": _VOCAB}
+        return gpt_style
     if arch == "gptj":
-        return {
-            "n_layer": _LAYERS,
-            "n_embd": _HIDDEN,
-            "n_head": _HEADS,
-            "n_positions": _POSITIONS,
-            "rotary_dim": _ROTARY_DIM,
-            "vocab_size": _VOCAB,
-        }
+        return {**gpt_style, "rotary_dim": _ROTARY_DIM}
     if arch == "codegen":
-        return {
-            "n_layer": _LAYERS,
-            "n_embd": _HIDDEN,
-            "n_head": _HEADS,
-            "n_positions": _POSITIONS,
-            "n_ctx": _POSITIONS,
-            "rotary_dim": _ROTARY_DIM,
-            "vocab_size": _VOCAB,
-        }
+        return {**gpt_style, "n_ctx": _POSITIONS, "rotary_dim": _ROTARY_DIM}
     if arch == "falcon":
         return {
             "hidden_size": _HIDDEN,

@@ -73,3 +73,13 @@ def mlp_expected(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """The mlp_model's output computed with numpy alone."""
     flat = x.reshape(-1, 4)
     return np.maximum(flat @ w + flat @ w, 0).reshape(x.shape[0], x.shape[1], 2)
+
+
+def set_external_location(path: Path, location: str) -> None:
+    """Point every external tensor of a saved model at ``location`` (to build unsafe inputs)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, str(path))

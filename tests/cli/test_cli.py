@@ -14,7 +14,7 @@ import pytest
 
 from qeff import cli
 from qeff.passes import as_ir_model, save_model
-from tests.graphs import mlp_model, parse, save
+from tests.graphs import set_external_location, mlp_model, parse, save
 
 
 def invoke(main, args, monkeypatch, capsys):
@@ -40,15 +40,6 @@ def _external(tmp_path: Path) -> Path:
     return save_model(as_ir_model(parse(text, {"w": w})), tmp_path / "m.onnx", external_data=True)
 
 
-def _set_location(path: Path, location: str) -> None:
-    proto = onnx.load(str(path), load_external_data=False)
-    for t in proto.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                entry.value = location
-    onnx.save(proto, str(path))
-
-
 def _not_onnx(tmp_path):
     p = tmp_path / "m.onnx"
     p.write_text("hello, I am a text file\n" * 20)
@@ -69,7 +60,7 @@ def _missing_data(tmp_path):
 
 def _escaping_data(tmp_path):
     p = _external(tmp_path)
-    _set_location(p, "../m.onnx.data")
+    set_external_location(p, "../m.onnx.data")
     return p, ["--passes", "cleanup"]
 
 

@@ -11,7 +11,7 @@ import pytest
 from qeff.errors import ModelLoadError, OutputPathError
 from qeff.passes import as_ir_model, load_model, optimize, save_model
 from qeff.passes import model_io
-from tests.graphs import mlp_expected, mlp_model, parse, run, save
+from tests.graphs import set_external_location, mlp_expected, mlp_model, parse, run, save
 
 TEXT = """
 <ir_version: 10, opset_import: ["" : 18]>
@@ -32,15 +32,6 @@ def _digest(*paths) -> str:
     for p in paths:
         h.update(p.read_bytes())
     return h.hexdigest()
-
-
-def _rewrite_location(path, location):
-    proto = onnx.load(str(path), load_external_data=False)
-    for t in proto.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                entry.value = location
-    onnx.save(proto, str(path))
 
 
 def test_external_data_round_trip_is_lazy_relative_and_leaves_input_alone(tmp_path):
@@ -103,7 +94,7 @@ def test_truncated_external_data(tmp_path):
                                                ("/etc/passwd", "absolute path")])
 def test_unsafe_external_locations(tmp_path, location, fragment):
     src, _ = _external_model(tmp_path)
-    _rewrite_location(src, location)
+    set_external_location(src, location)
     with pytest.raises(ModelLoadError, match=fragment):
         load_model(src)
 
