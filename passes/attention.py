@@ -1,0 +1,568 @@
+"""attention: find and describe the attention sites of a causal-LM graph (read-only).
+
+This is the matcher the ``kv`` pass builds on. It never modifies the model it is given; when
+a graph lacks shapes (TorchScript exports) shape inference runs on a *copy* and the inferred
+shapes are only read back by value name.
+
+Rules:
+1. Every ``Softmax`` over the last axis anchors a candidate *decomposed* site. Its output must
+   reach the A input of a MatMul (the output MatMul), directly or through ``Cast``,
+   ``Identity``, ``Dropout`` or a NaN guard ``Where(IsNaN(p), 0, p)``.
+2. From the Softmax input the matcher walks up through ``Cast``/``Identity``, ``Add`` (one
+   side leads to the score MatMul, the other is an additive term), ``Where`` (masked_fill:
+   the condition is the mask) and ``Mul``/``Div`` by a constant scalar (the scale) to a MatMul
+   whose output has rank 4 (the score MatMul). Which side of an ``Add`` leads to the scores is
+   decided by reachability of a MatMul, never by input position.
+3. An additive term is the *mask* when its ancestry holds a big negative constant (≤ -1e4 or
+   -inf) or, failing that, when it depends on the ``attention_mask`` input through data (not
+   through ``Shape``); any other term is a *bias* (ALiBi in MPT).
+4. K and V are found by walking up from the score MatMul's B input and the output MatMul's B
+   input through layout and repetition ops (``Transpose, Reshape, Expand, Unsqueeze, Squeeze,
+   Tile, Cast, Identity``) and constant-scalar ``Mul``/``Div`` (pre-scaling, folded into the
+   scale). The topmost value of that chain whose shape is ``[b, h_kv, S, d]`` (``S`` the
+   scores' key length, ``h_kv`` dividing ``n_heads``, ``d`` the query's head dim) is the K/V
+   before GQA repetition. When the chain never holds that layout (GPT-2: ``[b, S, h, d]`` goes
+   straight to ``[b, h, d, S]`` by one ``Transpose(0,2,3,1)``), the topmost ``[b, S, h_kv, d]``
+   value is used and ``key_layout`` / ``value_layout`` say ``"bshd"``.
+5. The scale is the product of the constant scalars met on the score path and on the Q and K
+   chains (``Div`` contributes its reciprocal); ``None`` when there are none.
+6. An ONNX ``Attention`` node (opset 23+) is an *attention_op* site: inputs Q, K, V and
+   ``attn_mask``; K/V are walked up as in rule 4 to undo an explicit GQA repetition; 3-D
+   inputs use the ``q_num_heads``/``kv_num_heads`` attributes (layout ``"bsD"``). The scale
+   is the ``scale`` attribute, else the op's default ``1/sqrt(head_dim)``.
+7. Checks: Q rank 4 with ``n_heads`` at dim 1, K/V with the same ``n_kv_heads`` and head
+   dim, ``n_heads % n_kv_heads == 0``. A candidate that fails is dropped (and explained by
+   :func:`explain_no_match`), never raised.
+8. The layer index comes from the dynamo ``pkg.torch.onnx.name_scopes`` metadata
+   (``layers.3``, ``h.3``, ``blocks.3``) or legacy node names (``/m/model/layers.3/...``),
+   else the order of appearance.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AttentionSite", "find_attention_sites", "explain_no_match"]
+
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+# Ops that only move, repeat or reinterpret data: K/V keep their identity through them.
+_LAYOUT_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Tile", "Cast", "Identity", "Flatten"}
+# Ops allowed between the score MatMul and the Softmax.
+_SCORE_PATH_OPS = {"Add", "Mul", "Div", "Where", "Cast", "Identity", "Sub"}
+# Below this a constant is a mask sentinel, not a bias value.
+_BIG_NEGATIVE = -1.0e4
+_LAYER_RE = re.compile(r"(?:^|[./'])(?:layers|layer|h|blocks|block|decoder_layers)\.(\d+)(?=$|[./'])")
+_WALK_LIMIT = 64
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    """One attention site. Values and nodes belong to the model that was searched."""
+
+    layer: int
+    kind: str  # "decomposed" or "attention_op"
+    query: ir.Value
+    key: ir.Value
+    value: ir.Value
+    key_for_scores: ir.Value
+    value_for_output: ir.Value
+    score_matmul: ir.Node | None
+    softmax: ir.Node | None
+    output_matmul: ir.Node | None
+    attention_node: ir.Node | None
+    mask: ir.Value | None
+    mask_node: ir.Node | None
+    bias: list[ir.Value]
+    scale: float | None
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    key_transposed_by: ir.Node | None
+    # Layout of ``key`` / ``value``: "bhsd" ([b, h_kv, S, d], the usual case), "bshd"
+    # ([b, S, h_kv, d], GPT-2's K) or "bsD" ([b, S, h_kv*d], 3-D Attention inputs).
+    key_layout: str = "bhsd"
+    value_layout: str = "bhsd"
+
+
+class _NoMatch(Exception):
+    """Internal: a candidate was rejected; the message says why."""
+
+
+class _Shapes:
+    """Shape lookup by value name; fills in shapes missing from the model using shape
+    inference on a copy, so the searched model is never touched."""
+
+    def __init__(self, model: ir.Model):
+        self._model = model
+        self._inferred: dict[str, ir.Shape | None] | None = None
+
+    def _needs_inference(self) -> bool:
+        for node in self._model.graph:
+            if node.op_type in ("MatMul", "Softmax", "Attention"):
+                for v in (*node.inputs, *node.outputs):
+                    if v is not None and v.shape is None:
+                        return True
+        return False
+
+    def _infer(self) -> dict[str, ir.Shape | None]:
+        if self._inferred is None:
+            self._inferred = {}
+            if self._needs_inference():
+                try:
+                    from onnx import shape_inference
+
+                    proto = ir.serde.serialize_model(self._model)
+                    try:
+                        proto = shape_inference.infer_shapes(proto, data_prop=True)
+                    except Exception:  # noqa: BLE001 - inference is best effort
+                        proto = shape_inference.infer_shapes(proto, data_prop=False)
+                    proto = self._symbolic(proto) or proto
+                    clone = ir.serde.deserialize_model(proto)
+                    for node in clone.graph:
+                        for v in node.outputs:
+                            if v.name and v.shape is not None:
+                                self._inferred[v.name] = v.shape
+                except Exception as err:  # noqa: BLE001 - never raise on weird graphs
+                    logger.debug("shape inference failed: %s", err)
+        return self._inferred
+
+    @staticmethod
+    def _symbolic(proto):
+        # ONNX inference loses dims after Reshape(-1)/Expand in legacy graphs; onnxruntime's
+        # symbolic inference resolves them. Optional: used only when onnxruntime is present.
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+        except Exception as err:  # noqa: BLE001
+            logger.debug("symbolic shape inference unavailable or failed: %s", err)
+            return None
+
+    def shape(self, v: ir.Value | None) -> tuple | None:
+        if v is None:
+            return None
+        s = v.shape
+        if s is None or any(not isinstance(d, int) and d.value is None for d in s):
+            inferred = self._infer().get(v.name) if v.name else None
+            if inferred is not None and (s is None or len(inferred) == len(s)):
+                s = inferred
+        if s is None:
+            return None
+        return tuple(d if isinstance(d, int) else (d.value if d.value is not None else None) for d in s)
+
+
+def _const_scalar(v: ir.Value | None) -> float | None:
+    if v is None:
+        return None
+    try:
+        t = ir.convenience.get_const_tensor(v)
+    except Exception:  # noqa: BLE001
+        t = None
+    if t is None:
+        return None
+    try:
+        arr = t.numpy()
+    except Exception:  # noqa: BLE001
+        return None
+    if arr.size != 1 or not np.issubdtype(arr.dtype, np.number):
+        return None
+    return float(arr.reshape(()))
+
+
+def _const_array(v: ir.Value | None) -> np.ndarray | None:
+    if v is None:
+        return None
+    try:
+        t = ir.convenience.get_const_tensor(v)
+        return None if t is None else np.asarray(t.numpy())
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _scalar_factor(node: ir.Node, data: ir.Value) -> tuple[ir.Value, float] | None:
+    """For Mul/Div of ``data``'s path by a constant scalar: (other operand, factor)."""
+    if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if node.op_type == "Mul":
+        for x, c in ((a, b), (b, a)):
+            f = _const_scalar(c)
+            if f is not None and _const_scalar(x) is None:
+                return x, f
+        return None
+    f = _const_scalar(b)
+    if f is not None and f != 0 and _const_scalar(a) is None:
+        return a, 1.0 / f
+    return None
+
+
+def _reaches_matmul(v: ir.Value | None, depth: int = 8) -> bool:
+    """Whether a MatMul is reachable upwards through score-path ops (Add/Mul/Div/Where/Cast)."""
+    if v is None or depth < 0:
+        return False
+    p = v.producer()
+    if p is None:
+        return False
+    if p.op_type == "MatMul":
+        return True
+    if p.op_type in _SCORE_PATH_OPS:
+        return any(_reaches_matmul(x, depth - 1) for x in p.inputs)
+    return False
+
+
+def _ancestors(v: ir.Value, limit: int = 400) -> Iterable[ir.Value]:
+    """Data ancestors of ``v`` (not through Shape / Size, whose outputs carry no data)."""
+    seen: set[int] = set()
+    stack = [v]
+    count = 0
+    while stack and count < limit:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        count += 1
+        yield x
+        p = x.producer()
+        if p is None or p.op_type in ("Shape", "Size"):
+            continue
+        stack.extend(i for i in p.inputs if i is not None)
+
+
+def _is_mask_term(term: ir.Value, graph: ir.Graph) -> tuple[bool, bool]:
+    """(holds a big negative constant, depends on an attention-mask input through data)."""
+    big_neg = False
+    from_mask = False
+    mask_inputs = {id(i) for i in graph.inputs if i.name and "mask" in i.name}
+    for x in _ancestors(term):
+        if id(x) in mask_inputs:
+            from_mask = True
+        arr = _const_array(x)
+        if arr is not None and arr.size <= 16 and np.issubdtype(arr.dtype, np.floating):
+            if np.any(arr <= _BIG_NEGATIVE):
+                big_neg = True
+        if big_neg and from_mask:
+            break
+    return big_neg, from_mask
+
+
+def _layer_of(node: ir.Node) -> int | None:
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    for text in (scopes, node.name):
+        if text:
+            found = _LAYER_RE.findall(text)
+            if found:
+                return int(found[-1])
+    return None
+
+
+def _sym_eq(a, b) -> bool:
+    """Dims equal, treating unknown (None) as compatible."""
+    return a is None or b is None or a == b
+
+
+class _Matcher:
+    def __init__(self, model: ir.Model):
+        self.model = model
+        self.graph = model.graph
+        self.shapes = _Shapes(model)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _rank(self, v: ir.Value | None) -> int | None:
+        s = self.shapes.shape(v)
+        return None if s is None else len(s)
+
+    def _walk_layout(self, v: ir.Value) -> tuple[list[ir.Value], list[ir.Node], float]:
+        """Chain of values from ``v`` upwards through layout ops and constant-scalar Mul/Div.
+
+        Returns (values, nodes, factor): values[0] is ``v``; nodes[i] produces values[i].
+        """
+        values = [v]
+        nodes: list[ir.Node] = []
+        factor = 1.0
+        for _ in range(_WALK_LIMIT):
+            p = values[-1].producer()
+            if p is None or not p.inputs or p.inputs[0] is None:
+                break
+            if p.op_type in _LAYOUT_OPS:
+                values.append(p.inputs[0])
+            else:
+                sf = _scalar_factor(p, values[-1])
+                if sf is None:
+                    break
+                values.append(sf[0])
+                factor *= sf[1]
+            nodes.append(p)
+        return values, nodes, factor
+
+    def _pick(self, chain: list[ir.Value], n_heads: int, head_dim: int, seq) -> tuple[ir.Value, str, int]:
+        """Topmost [b,h,S,d] value of a chain, else topmost [b,S,h,d]."""
+        bhsd = bshd = None
+        for v in chain:
+            s = self.shapes.shape(v)
+            if s is None or len(s) != 4 or s[3] != head_dim:
+                continue
+            if isinstance(s[1], int) and s[1] > 0 and n_heads % s[1] == 0 and _sym_eq(s[2], seq) \
+                    and (seq is not None or not isinstance(s[2], int)):
+                bhsd = (v, "bhsd", s[1])
+            if isinstance(s[2], int) and s[2] > 0 and n_heads % s[2] == 0 and _sym_eq(s[1], seq) \
+                    and (seq is not None or not isinstance(s[1], int)):
+                bshd = (v, "bshd", s[2])
+        if bhsd is not None:
+            return bhsd
+        if bshd is not None:
+            return bshd
+        raise _NoMatch("no [b, h, S, d] or [b, S, h, d] value on the K/V chain")
+
+    # -- decomposed ------------------------------------------------------------------------
+    def match_softmax(self, softmax: ir.Node) -> AttentionSite:
+        x = softmax.inputs[0]
+        rank = self._rank(x)
+        axis_attr = softmax.attributes.get("axis")
+        axis = axis_attr.value if axis_attr is not None else -1
+        if rank is not None and axis < 0:
+            axis += rank
+        if rank is not None and axis != rank - 1:
+            raise _NoMatch(f"Softmax axis {axis} is not the last axis")
+        if axis >= 0 and rank is None and axis != 3:
+            raise _NoMatch("Softmax of unknown rank over a non-last axis")
+
+        # Forward: softmax -> [Cast | Identity | Dropout | NaN-guard Where] -> MatMul (A input).
+        out = softmax.outputs[0]
+        output_matmul = None
+        for _ in range(4):
+            nxt = None
+            for use in out.uses():
+                node, idx = use.node, use.idx
+                if node.op_type == "MatMul" and idx == 0:
+                    output_matmul = node
+                    break
+                if node.op_type in ("Cast", "Identity", "Dropout") and idx == 0:
+                    nxt = node.outputs[0]
+                elif node.op_type == "Where" and idx in (1, 2):
+                    cond = node.inputs[0].producer() if node.inputs[0] is not None else None
+                    if cond is not None and cond.op_type == "IsNaN":
+                        nxt = node.outputs[0]
+            if output_matmul is not None or nxt is None:
+                break
+            out = nxt
+        if output_matmul is None:
+            raise _NoMatch("Softmax output does not feed the A input of a MatMul")
+
+        # Backward: softmax input -> ... -> score MatMul.
+        scale = 1.0
+        have_scale = False
+        mask = mask_node = None
+        bias: list[ir.Value] = []
+        v = x
+        score_matmul = None
+        for _ in range(_WALK_LIMIT):
+            p = v.producer()
+            if p is None:
+                break
+            op = p.op_type
+            if op == "MatMul":
+                score_matmul = p
+                break
+            if op in ("Cast", "Identity"):
+                v = p.inputs[0]
+                continue
+            sf = _scalar_factor(p, v)
+            if sf is not None:
+                scale *= sf[1]
+                have_scale = True
+                v = sf[0]
+                continue
+            if op in ("Add", "Sub") and len(p.inputs) == 2:
+                a, b = p.inputs
+                ra, rb = _reaches_matmul(a), _reaches_matmul(b)
+                if ra == rb:
+                    raise _NoMatch(f"cannot tell the scores from the term in {op} {p.name!r}")
+                scores, term = (a, b) if ra else (b, a)
+                if op == "Sub" and scores is b:
+                    raise _NoMatch(f"scores are subtracted in {p.name!r}")
+                big_neg, _ = _is_mask_term(term, self.graph)
+                if big_neg and mask is None:
+                    mask, mask_node = term, p
+                else:
+                    bias.append(term)
+                v = scores
+                continue
+            if op == "Where" and len(p.inputs) == 3:
+                cond, a, b = p.inputs
+                ra, rb = _reaches_matmul(a), _reaches_matmul(b)
+                if ra == rb:
+                    raise _NoMatch(f"cannot tell the scores in Where {p.name!r}")
+                if mask is None:
+                    mask, mask_node = cond, p
+                v = a if ra else b
+                continue
+            raise _NoMatch(f"Softmax input leads to {op} {p.name!r}, not to a score MatMul")
+        if score_matmul is None:
+            raise _NoMatch("Softmax input is not (a scaled / masked) MatMul")
+        if self._rank(score_matmul.outputs[0]) not in (4, None):
+            raise _NoMatch("Softmax found but its input is not a MatMul of rank 4")
+        if self._rank(output_matmul.outputs[0]) not in (4, None):
+            raise _NoMatch("the output MatMul is not of rank 4")
+
+        # No term with a sentinel constant: fall back to the one fed by attention_mask data.
+        if mask is None:
+            for i, term in enumerate(bias):
+                if _is_mask_term(term, self.graph)[1]:
+                    mask = bias.pop(i)
+                    mask_node = next((u.node for u in term.uses() if u.node.op_type in ("Add", "Sub")), None)
+                    break
+
+        query = score_matmul.inputs[0]
+        key_for_scores = score_matmul.inputs[1]
+        value_for_output = output_matmul.inputs[1]
+        qs = self.shapes.shape(query)
+        if qs is None or len(qs) != 4 or not isinstance(qs[1], int) or not isinstance(qs[3], int):
+            raise _NoMatch(f"query of the score MatMul has shape {qs}, not [b, n_heads, S, d]")
+        n_heads, head_dim = qs[1], qs[3]
+        ss = self.shapes.shape(score_matmul.outputs[0])
+        seq = ss[3] if ss is not None and len(ss) == 4 else None
+
+        _, _, qf = self._walk_layout(query)
+        kchain, knodes, kf = self._walk_layout(key_for_scores)
+        vchain, _, _ = self._walk_layout(value_for_output)
+        key, key_layout, n_kv = self._pick(kchain, n_heads, head_dim, seq)
+        value, value_layout, n_kv_v = self._pick(vchain, n_heads, head_dim, seq)
+        if n_kv != n_kv_v:
+            raise _NoMatch(f"K has {n_kv} heads but V has {n_kv_v}")
+        if qf != 1.0 or kf != 1.0:
+            # Pre-scaled q/k (sdpa splits sqrt(scale) over both). Only the factors below the
+            # chosen K count; a factor above it would be part of K's own computation.
+            k_idx = kchain.index(key)
+            kf = 1.0
+            for node, below in zip(knodes[:k_idx], kchain[:k_idx]):
+                sf = _scalar_factor(node, below)
+                if sf is not None:
+                    kf *= sf[1]
+            scale *= qf * kf
+            have_scale = True
+        transposed_by = None
+        k_idx = kchain.index(key)
+        for node in reversed(knodes[:k_idx]):
+            if node.op_type == "Transpose":
+                transposed_by = node
+                break
+        return AttentionSite(
+            layer=-1, kind="decomposed", query=query, key=key, value=value,
+            key_for_scores=key_for_scores, value_for_output=value_for_output,
+            score_matmul=score_matmul, softmax=softmax, output_matmul=output_matmul,
+            attention_node=None, mask=mask, mask_node=mask_node, bias=bias,
+            scale=scale if have_scale else None, n_heads=n_heads, n_kv_heads=n_kv,
+            head_dim=head_dim, key_transposed_by=transposed_by,
+            key_layout=key_layout, value_layout=value_layout,
+        )
+
+    # -- ONNX Attention --------------------------------------------------------------------
+    def match_attention(self, node: ir.Node) -> AttentionSite:
+        ins = list(node.inputs) + [None] * (4 - len(node.inputs))
+        q, k, v, mask = ins[:4]
+        if q is None or k is None or v is None:
+            raise _NoMatch("Attention node without q/k/v inputs")
+        qs = self.shapes.shape(q)
+        if qs is None:
+            raise _NoMatch("Attention query has no known shape")
+        scale_attr = node.attributes.get("scale")
+        if len(qs) == 4:
+            n_heads, head_dim = qs[1], qs[3]
+            if not isinstance(n_heads, int) or not isinstance(head_dim, int):
+                raise _NoMatch(f"Attention query shape {qs} has no static heads / head_dim")
+            seq = None
+            ks = self.shapes.shape(k)
+            if ks is not None and len(ks) == 4:
+                seq = ks[2]
+            kchain, knodes, _ = self._walk_layout(k)
+            vchain, _, _ = self._walk_layout(v)
+            key, key_layout, n_kv = self._pick(kchain, n_heads, head_dim, seq)
+            value, value_layout, n_kv_v = self._pick(vchain, n_heads, head_dim, seq)
+            if n_kv != n_kv_v:
+                raise _NoMatch(f"K has {n_kv} heads but V has {n_kv_v}")
+        elif len(qs) == 3:
+            qh = node.attributes.get("q_num_heads")
+            kh = node.attributes.get("kv_num_heads")
+            if qh is None or kh is None or not isinstance(qs[2], int):
+                raise _NoMatch("3-D Attention without q_num_heads / kv_num_heads")
+            n_heads, n_kv = qh.value, kh.value
+            head_dim = qs[2] // n_heads
+            key, value, key_layout, value_layout = k, v, "bsD", "bsD"
+        else:
+            raise _NoMatch(f"Attention query of rank {len(qs)}")
+        if n_kv <= 0 or n_heads % n_kv:
+            raise _NoMatch(f"{n_heads} heads is not a multiple of {n_kv} KV heads")
+        scale = float(scale_attr.value) if scale_attr is not None else 1.0 / math.sqrt(head_dim)
+        return AttentionSite(
+            layer=-1, kind="attention_op", query=q, key=key, value=value,
+            key_for_scores=k, value_for_output=v, score_matmul=None, softmax=None,
+            output_matmul=None, attention_node=node, mask=mask,
+            mask_node=node if mask is not None else None, bias=[], scale=scale,
+            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, key_transposed_by=None,
+            key_layout=key_layout, value_layout=value_layout,
+        )
+
+    # -- driver ----------------------------------------------------------------------------
+    def run(self) -> tuple[list[AttentionSite], list[str]]:
+        sites: list[tuple[int, ir.Node, AttentionSite]] = []
+        reasons: list[str] = []
+        for order, node in enumerate(self.graph):
+            if node.domain not in ("", "ai.onnx") or node.op_type not in ("Softmax", "Attention"):
+                continue
+            try:
+                if node.op_type == "Softmax":
+                    site = self.match_softmax(node)
+                else:
+                    site = self.match_attention(node)
+            except _NoMatch as err:
+                reasons.append(f"{node.op_type} {node.name!r} (#{len(reasons) + len(sites)}): {err}")
+                continue
+            except Exception as err:  # noqa: BLE001 - a weird graph must not break the caller
+                logger.debug("matching %s failed", node.name, exc_info=True)
+                reasons.append(f"{node.op_type} {node.name!r}: unexpected {type(err).__name__}: {err}")
+                continue
+            sites.append((order, node, site))
+        layers = [_layer_of(n) for _, n, _ in sites]
+        use_scopes = all(x is not None for x in layers) and len(set(layers)) == len(layers)
+        result = []
+        for i, (_, _, site) in enumerate(sites):
+            site.layer = layers[i] if use_scopes else i
+            result.append(site)
+        result.sort(key=lambda s: s.layer)
+        return result, reasons
+
+
+def find_attention_sites(model: ir.Model) -> list[AttentionSite]:
+    """Attention sites of ``model`` in layer order; [] when none match. Never raises on odd
+    graphs and never modifies ``model``."""
+    try:
+        sites, reasons = _Matcher(model).run()
+    except Exception:  # noqa: BLE001
+        logger.debug("attention matching failed", exc_info=True)
+        return []
+    for r in reasons:
+        logger.debug("not an attention site: %s", r)
+    return sites
+
+
+def explain_no_match(model: ir.Model) -> str:
+    """One line saying what was looked for and what was found instead."""
+    ops = [n.op_type for n in model.graph]
+    if "Softmax" not in ops and "Attention" not in ops:
+        return "no Softmax node in the graph (looked for MatMul → [scale] → [mask] → Softmax → MatMul or an ONNX Attention node)"
+    try:
+        sites, reasons = _Matcher(model).run()
+    except Exception as err:  # noqa: BLE001
+        return f"attention matching failed: {type(err).__name__}: {err}"
+    if not reasons:
+        return f"{len(sites)} attention site(s) matched; nothing was rejected"
+    head = f"{len(sites)} site(s) matched, {len(reasons)} rejected; first: {reasons[0]}"
+    return head
