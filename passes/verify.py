@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qeff.errors import UnsupportedGraphError
+from qeff.errors import UnsupportedGraphError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +110,16 @@ def run_onnxruntime(
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(path), options, providers=providers or ["CPUExecutionProvider"]
-    )
+    try:
+        session = ort.InferenceSession(
+            str(path), options, providers=providers or ["CPUExecutionProvider"]
+        )
+    except Exception as e:  # onnxruntime's errors share no base class beyond Exception
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise VerificationError(
+            f"onnxruntime cannot load {Path(path).name} for --verify: {reason}",
+            "drop --verify, or make the model loadable by onnxruntime (e.g. an IR version it supports)",
+        ) from e
     wanted = {i.name for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     outputs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})

@@ -89,6 +89,13 @@ def _ctx_len_unused(tmp_path):
     return save(mlp_model()[0], tmp_path / "m.onnx"), ["--passes", "cleanup", "--ctx-len", "128"]
 
 
+def _verify_unloadable(tmp_path):
+    # onnx's helper writes IR version 14 by default; onnxruntime 1.31 loads at most 13.
+    proto, _ = mlp_model()
+    proto.ir_version = 99
+    return save(proto, tmp_path / "m.onnx"), ["--passes", "cleanup", "--verify"]
+
+
 def _missing_file(tmp_path):
     return tmp_path / "nothing.onnx", ["--passes", "cleanup"]
 
@@ -105,6 +112,7 @@ BAD_INPUTS = {
     "output is input": (_output_is_input, "would overwrite the input"),
     "ctx-len unused": (_ctx_len_unused, "no pass in the list takes it"),
     "missing file": (_missing_file, "no such file"),
+    "verify cannot load": (_verify_unloadable, "onnxruntime cannot load"),
 }
 
 
