@@ -433,10 +433,9 @@ class _Matcher:
         _, _, qf = self._walk_layout(query)
         kchain, knodes, kf = self._walk_layout(key_for_scores)
         vchain, _, _ = self._walk_layout(value_for_output)
-        key, key_layout, n_kv = self._pick(kchain, n_heads, head_dim, seq)
-        value, value_layout, n_kv_v = self._pick(vchain, n_heads, head_dim, seq)
-        if n_kv != n_kv_v:
-            raise _NoMatch(f"K has {n_kv} heads but V has {n_kv_v}")
+        key, key_layout, value, value_layout, n_kv = self._pick_key_value(
+            kchain, vchain, n_heads, head_dim, seq
+        )
         if qf != 1.0 or kf != 1.0:
             # Pre-scaled q/k (sdpa splits sqrt(scale) over both). Only the factors below the
             # chosen K count; a factor above it would be part of K's own computation.
@@ -464,6 +463,14 @@ class _Matcher:
             key_layout=key_layout, value_layout=value_layout,
         )
 
+    def _pick_key_value(self, kchain, vchain, n_heads: int, head_dim: int, seq):
+        """Pre-repetition K and V from their layout chains; both must agree on the head count."""
+        key, key_layout, n_kv = self._pick(kchain, n_heads, head_dim, seq)
+        value, value_layout, n_kv_v = self._pick(vchain, n_heads, head_dim, seq)
+        if n_kv != n_kv_v:
+            raise _NoMatch(f"K has {n_kv} heads but V has {n_kv_v}")
+        return key, key_layout, value, value_layout, n_kv
+
     # -- ONNX Attention --------------------------------------------------------------------
     def match_attention(self, node: ir.Node) -> AttentionSite:
         ins = list(node.inputs) + [None] * (4 - len(node.inputs))
@@ -484,10 +491,9 @@ class _Matcher:
                 seq = ks[2]
             kchain, knodes, _ = self._walk_layout(k)
             vchain, _, _ = self._walk_layout(v)
-            key, key_layout, n_kv = self._pick(kchain, n_heads, head_dim, seq)
-            value, value_layout, n_kv_v = self._pick(vchain, n_heads, head_dim, seq)
-            if n_kv != n_kv_v:
-                raise _NoMatch(f"K has {n_kv} heads but V has {n_kv_v}")
+            key, key_layout, value, value_layout, n_kv = self._pick_key_value(
+                kchain, vchain, n_heads, head_dim, seq
+            )
         elif len(qs) == 3:
             qh = node.attributes.get("q_num_heads")
             kh = node.attributes.get("kv_num_heads")
