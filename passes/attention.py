@@ -160,19 +160,8 @@ class _Shapes:
 
 
 def _const_scalar(v: ir.Value | None) -> float | None:
-    if v is None:
-        return None
-    try:
-        t = ir.convenience.get_const_tensor(v)
-    except Exception:  # noqa: BLE001
-        t = None
-    if t is None:
-        return None
-    try:
-        arr = t.numpy()
-    except Exception:  # noqa: BLE001
-        return None
-    if arr.size != 1 or not np.issubdtype(arr.dtype, np.number):
+    arr = _const_array(v)
+    if arr is None or arr.size != 1 or not np.issubdtype(arr.dtype, np.number):
         return None
     return float(arr.reshape(()))
 
@@ -436,10 +425,10 @@ class _Matcher:
         key, key_layout, value, value_layout, n_kv = self._pick_key_value(
             kchain, vchain, n_heads, head_dim, seq
         )
+        k_idx = kchain.index(key)
         if qf != 1.0 or kf != 1.0:
             # Pre-scaled q/k (sdpa splits sqrt(scale) over both). Only the factors below the
             # chosen K count; a factor above it would be part of K's own computation.
-            k_idx = kchain.index(key)
             kf = 1.0
             for node, below in zip(knodes[:k_idx], kchain[:k_idx]):
                 sf = _scalar_factor(node, below)
@@ -448,7 +437,6 @@ class _Matcher:
             scale *= qf * kf
             have_scale = True
         transposed_by = None
-        k_idx = kchain.index(key)
         for node in reversed(knodes[:k_idx]):
             if node.op_type == "Transpose":
                 transposed_by = node

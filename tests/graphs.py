@@ -33,6 +33,16 @@ def run(path_or_model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, feeds)))
 
 
+# y = (x @ w1) @ w2 with 64×64 weights: large enough for external data, small to run.
+TWO_MATMULS = """
+<ir_version: 10, opset_import: ["" : 18]>
+g (float[2, 64] x) => (float[2, 64] y) {
+    t = MatMul(x, w1)
+    y = MatMul(t, w2)
+}
+"""
+
+
 def mlp_model(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """x[batch, seq, 4] → Reshape via shape arithmetic → MatMul w → Relu → y[batch, seq, 2].
 

@@ -6,7 +6,7 @@ import onnx_ir as ir
 import pytest
 
 from qeff.passes import CleanupPass, as_ir_model, save_model
-from tests.graphs import mlp_expected, mlp_model, parse, run
+from tests.graphs import TWO_MATMULS, mlp_expected, mlp_model, parse, run
 
 
 def _ops(model: ir.Model) -> list[str]:
@@ -69,14 +69,7 @@ def test_same_ends_different_middle_are_not_merged():
 def test_external_duplicates_merged_without_loading(tmp_path):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 64)).astype(np.float32)
-    text = """
-    <ir_version: 10, opset_import: ["" : 18]>
-    g (float[2, 64] x) => (float[2, 64] y) {
-        t = MatMul(x, w1)
-        y = MatMul(t, w2)
-    }
-    """
-    src = save_model(as_ir_model(parse(text, {"w1": w, "w2": w.copy()})), tmp_path / "ext.onnx", external_data=True)
+    src = save_model(as_ir_model(parse(TWO_MATMULS, {"w1": w, "w2": w.copy()})), tmp_path / "ext.onnx", external_data=True)
     model = ir.load(src)
     assert all(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     CleanupPass()(model)

@@ -11,7 +11,7 @@ import pytest
 from qeff.errors import ModelLoadError, OutputPathError
 from qeff.passes import as_ir_model, load_model, optimize, save_model
 from qeff.passes import model_io
-from tests.graphs import set_external_location, mlp_expected, mlp_model, parse, run, save
+from tests.graphs import TWO_MATMULS, set_external_location, mlp_expected, mlp_model, parse, run, save
 
 TEXT = """
 <ir_version: 10, opset_import: ["" : 18]>
@@ -188,14 +188,7 @@ def test_external_save_mixes_copied_and_rewritten_weights(tmp_path):
     rng = np.random.default_rng(5)
     w1 = rng.standard_normal((64, 64)).astype(np.float32)
     w2 = rng.standard_normal((64, 64)).astype(np.float32)
-    text = """
-    <ir_version: 10, opset_import: ["" : 18]>
-    g (float[2, 64] x) => (float[2, 64] y) {
-        t = MatMul(x, w1)
-        y = MatMul(t, w2)
-    }
-    """
-    src = save_model(as_ir_model(parse(text, {"w1": w1, "w2": w2})), tmp_path / "m.onnx", external_data=True)
+    src = save_model(as_ir_model(parse(TWO_MATMULS, {"w1": w1, "w2": w2})), tmp_path / "m.onnx", external_data=True)
     model = load_model(src)
     # w1 stays in the input's data file (copied by range), w2 is rewritten in memory.
     model.graph.initializers["w2"].const_value = ir.tensor(2 * w2, name="w2")
