@@ -8,6 +8,7 @@ from __future__ import annotations
 from qeff.passes.base import PASS_REGISTRY, NoOptions, QeffPass, describe_options, get_pass
 from qeff.passes.cleanup import CleanupPass
 from qeff.passes.fold import FoldPass
+from qeff.passes.kv import KVPass
 from qeff.passes.manager import PipelineResult, default_output_path, optimize, run_passes
 from qeff.passes.model_io import as_ir_model, load_model, save_model
 from qeff.passes.pipeline import parse_pipeline, validate_sequence
@@ -20,6 +21,7 @@ __all__ = [
     "describe_options",
     "CleanupPass",
     "FoldPass",
+    "KVPass",
     "PipelineResult",
     "optimize",
     "run_passes",

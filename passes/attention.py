@@ -90,6 +90,9 @@ class AttentionSite:
     # ([b, S, h_kv, d], GPT-2's K) or "bsD" ([b, S, h_kv*d], 3-D Attention inputs).
     key_layout: str = "bhsd"
     value_layout: str = "bhsd"
+    # Constant factor already applied to ``query`` (sdpa pre-scales q by sqrt(scale)); it is
+    # part of ``scale``, so scores from ``query`` need ``scale / query_scale`` more.
+    query_scale: float = 1.0
 
 
 class _NoMatch(Exception):
@@ -448,7 +451,7 @@ class _Matcher:
             attention_node=None, mask=mask, mask_node=mask_node, bias=bias,
             scale=scale if have_scale else None, n_heads=n_heads, n_kv_heads=n_kv,
             head_dim=head_dim, key_transposed_by=transposed_by,
-            key_layout=key_layout, value_layout=value_layout,
+            key_layout=key_layout, value_layout=value_layout, query_scale=qf,
         )
 
     def _pick_key_value(self, kchain, vchain, n_heads: int, head_dim: int, seq):

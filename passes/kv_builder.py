@@ -1,0 +1,189 @@
+"""Graph pieces the ``kv`` pass inserts: cache write, cache read, attention core, last-token gather.
+
+Everything here is built from standard ONNX ops (opset 17+) so the result runs in onnxruntime
+as is. Shared tensors (slot indices, visibility mask, pad flags) are built once per model and
+reused by every layer; only the cache input/output of a layer is per layer.
+
+Design points (why the graph looks the way it does):
+- The cache is ``[batch, n_kv, ctx_len, head_dim]`` with ``ctx_len`` read from the cache
+  input's shape, so one graph serves every context length the compiler specializes.
+- A valid token writes its K/V to slot ``position_id``. A pad (``position_id < 0``) writes the
+  slot's *old* value to the slot after its row's last valid position (mod ``ctx_len``): every
+  scatter index stays in range (onnxruntime rejects out-of-range indices), no valid token of
+  the row targets that slot, and several pads of one row writing the same old value to the
+  same slot leave the cache unchanged whatever order the device applies them in.
+- Slot ``c`` is visible to a query at position ``p`` iff ``c <= p`` (and ``c > p - window``
+  with a sliding window). Masking is a select (``Where``), not an addition, so a row with
+  nothing visible gets a uniform softmax instead of NaN.
+"""
+
+from __future__ import annotations
+
+__all__ = ["KVGraphBuilder"]
+
+import numpy as np
+import onnx_ir as ir
+
+_INT64 = ir.DataType.INT64
+
+
+class KVGraphBuilder:
+    """Emits nodes into a tape; the caller appends ``tape.nodes`` to the graph."""
+
+    def __init__(self, graph: ir.Graph, opset: int, prefix: str = "qeff_kv"):
+        self.graph = graph
+        self.opset = opset
+        self.prefix = prefix
+        self.tape = ir.tape.Tape()
+        self._names = 0
+        self._consts: dict[tuple, ir.Value] = {}
+
+    # -- small helpers ---------------------------------------------------------------------
+    def _name(self, what: str) -> str:
+        self._names += 1
+        return f"{self.prefix}/{what}_{self._names}"
+
+    def op(self, op_type: str, inputs, attributes=None, what: str | None = None) -> ir.Value:
+        name = self._name(what or op_type)
+        out = self.tape.op(op_type, inputs, attributes, name=name)
+        out.name = name
+        return out
+
+    def const(self, array, dtype=None) -> ir.Value:
+        arr = np.asarray(array, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = self._name("const")
+            value = ir.Value(
+                name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                const_value=ir.tensor(arr, name=name),
+            )
+            self.graph.register_initializer(value)
+            self._consts[key] = value
+        return self._consts[key]
+
+    def i64(self, *values: int) -> ir.Value:
+        return self.const(np.array(values, dtype=np.int64))
+
+    def unsqueeze(self, x: ir.Value, *axes: int) -> ir.Value:
+        return self.op("Unsqueeze", [x, self.i64(*axes)])
+
+    def reduce_max(self, x: ir.Value, axis: int) -> ir.Value:
+        if self.opset >= 18:
+            return self.op("ReduceMax", [x, self.i64(axis)], {"keepdims": 1})
+        return self.op("ReduceMax", [x], {"axes": [axis], "keepdims": 1})
+
+    # -- shared tensors --------------------------------------------------------------------
+    def shared(self, input_ids: ir.Value, position_ids: ir.Value, first_cache: ir.Value,
+               batch_index: ir.Value | None, sliding_window: int | None) -> None:
+        """Build the tensors every layer shares (call once, before any layer)."""
+        pos = position_ids
+        self.batch = self.op("Shape", [input_ids], {"start": 0, "end": 1}, "batch")  # [1]
+        self.seq = self.op("Shape", [input_ids], {"start": 1, "end": 2}, "seq")  # [1]
+        ctx = self.op("Shape", [first_cache], {"start": 2, "end": 3}, "ctx_len")  # [1]
+        ctx_scalar = self.op("Squeeze", [ctx, self.i64(0)])
+        slots = self.op("Range", [self.const(np.int64(0)), ctx_scalar, self.const(np.int64(1))], what="slots")
+        self.slots = slots  # [ctx]
+
+        # Visibility [b, 1, S, ctx]: slot c is visible to a query at position p iff c <= p.
+        p4 = self.unsqueeze(pos, 1, 3)  # [b, 1, S, 1]
+        c4 = self.op("Reshape", [slots, self.i64(1, 1, 1, -1)])  # [1, 1, 1, ctx]
+        visible = self.op("LessOrEqual", [c4, p4], what="visible")
+        if sliding_window is not None:
+            lowest = self.op("Sub", [p4, self.const(np.int64(sliding_window))])
+            visible = self.op("And", [visible, self.op("Greater", [c4, lowest])], what="visible_window")
+        self.visible = visible
+
+        # Scatter slots [b, S]: valid tokens at their position, pads at (last valid + 1) % ctx.
+        is_pad = self.op("Less", [pos, self.const(np.int64(0))], what="is_pad")
+        last = self.reduce_max(pos, 1)  # [b, 1]
+        pad_slot = self.op("Mod", [self.op("Add", [last, self.const(np.int64(1))]), ctx], what="pad_slot")
+        self.slot = self.op("Where", [is_pad, pad_slot, pos], what="slot")
+        self.is_pad4 = self.unsqueeze(is_pad, 1, 3)  # [b, 1, S, 1]
+
+        # Cache row of each batch entry [b, 1]: batch_index, else 0..b-1.
+        if batch_index is not None:
+            self.rows = batch_index
+            self.rows_flat = self.op("Squeeze", [batch_index, self.i64(1)], what="rows")
+        else:
+            b_scalar = self.op("Squeeze", [self.batch, self.i64(0)])
+            self.rows_flat = self.op("Range", [self.const(np.int64(0)), b_scalar, self.const(np.int64(1))], what="rows")
+            self.rows = self.unsqueeze(self.rows_flat, 1)
+        self._indices: dict[int, ir.Value] = {}
+
+        # Index of each row's last valid token [b, 1, 1] for GatherND(batch_dims=1).
+        self.last_index = self.unsqueeze(self.op("ArgMax", [pos], {"axis": 1, "keepdims": 1}, "last_token"), 2)
+
+    def indices(self, n_kv: int) -> ir.Value:
+        """ScatterND/GatherND indices [b, n_kv, S, 3] = (cache row, head, slot)."""
+        if n_kv not in self._indices:
+            target = self.op("Concat", [self.batch, self.i64(n_kv), self.seq], {"axis": 0})
+            rows = self.op("Expand", [self.unsqueeze(self.rows, 2), target])  # [b,1,1] -> [b,h,S]
+            heads = self.op("Expand", [self.const(np.arange(n_kv, dtype=np.int64).reshape(1, n_kv, 1)), target])
+            slots = self.op("Expand", [self.unsqueeze(self.slot, 1), target])  # [b,1,S] -> [b,h,S]
+            parts = [self.unsqueeze(x, 3) for x in (rows, heads, slots)]
+            self._indices[n_kv] = self.op("Concat", parts, {"axis": 3}, f"indices_h{n_kv}")
+        return self._indices[n_kv]
+
+    # -- per layer -------------------------------------------------------------------------
+    def to_bhsd(self, x: ir.Value, layout: str, n_kv: int, head_dim: int) -> ir.Value:
+        if layout == "bhsd":
+            return x
+        if layout == "bsD":
+            x = self.op("Reshape", [x, self.i64(0, 0, n_kv, head_dim)])
+        return self.op("Transpose", [x], {"perm": [0, 2, 1, 3]})
+
+    def write_cache(self, past: ir.Value, new: ir.Value, n_kv: int, retained_name: str) -> ir.Value:
+        """ScatterND of ``new`` [b, n_kv, S, d] into ``past``; pads write back the old value."""
+        idx = self.indices(n_kv)
+        if new.dtype is not None and past.dtype is not None and new.dtype != past.dtype:
+            new = self.op("Cast", [new], {"to": past.dtype})
+        old = self.op("GatherND", [past, idx], what="old_slots")
+        update = self.op("Where", [self.is_pad4, old, new], what="update")
+        retained = self.tape.op("ScatterND", [past, idx, update], name=self._name("cache_write"))
+        retained.name = retained_name
+        retained.dtype = past.dtype
+        retained.shape = past.shape
+        return retained
+
+    def read_cache(self, retained: ir.Value, compute_dtype: ir.DataType | None, continuous: bool) -> ir.Value:
+        x = retained
+        if continuous:
+            x = self.op("Gather", [x, self.rows_flat], {"axis": 0}, "cache_rows")
+        if compute_dtype is not None and retained.dtype != compute_dtype:
+            x = self.op("Cast", [x], {"to": compute_dtype})
+        return x
+
+    def repeat_heads(self, x: ir.Value, n_kv: int, n_heads: int, head_dim: int) -> ir.Value:
+        """[b, n_kv, ctx, d] -> [b, n_heads, ctx, d], each KV head repeated n_heads/n_kv times
+        consecutively (the GQA convention of every Hugging Face decoder)."""
+        if n_kv == n_heads:
+            return x
+        rep = n_heads // n_kv
+        x = self.unsqueeze(x, 2)  # [b, n_kv, 1, ctx, d]
+        x = self.op("Expand", [x, self.i64(1, 1, rep, 1, 1)])
+        return self.op("Reshape", [x, self.i64(0, n_heads, -1, head_dim)], what="repeat_kv")
+
+    def alibi(self, slopes: np.ndarray, dtype: np.dtype) -> ir.Value:
+        """ALiBi bias [1, h, 1, ctx] = slope_h * slot (softmax ignores a per-row constant)."""
+        c = self.op("Cast", [self.slots], {"to": ir.DataType.from_numpy(np.dtype(dtype))})
+        c = self.op("Reshape", [c, self.i64(1, 1, 1, -1)])
+        return self.op("Mul", [c, self.const(slopes.reshape(1, -1, 1, 1).astype(dtype))], what="alibi")
+
+    def attention(self, query: ir.Value, key: ir.Value, value: ir.Value, scale: float,
+                  biases: list[ir.Value], dtype: np.dtype) -> ir.Value:
+        """softmax(where(visible, q·kᵀ·scale + bias, min)) · v over the whole cache."""
+        kt = self.op("Transpose", [key], {"perm": [0, 1, 3, 2]})
+        scores = self.op("MatMul", [query, kt], what="scores")
+        if scale != 1.0:
+            scores = self.op("Mul", [scores, self.const(np.array(scale, dtype=dtype))])
+        for b in biases:
+            scores = self.op("Add", [scores, b])
+        fill = self.const(np.array(np.finfo(dtype).min, dtype=dtype))
+        scores = self.op("Where", [self.visible, scores, fill], what="masked_scores")
+        probs = self.op("Softmax", [scores], {"axis": -1}, "probs")
+        return self.op("MatMul", [probs, value], what="attn_out")
+
+    def last_token(self, x: ir.Value) -> ir.Value:
+        """x [b, S, ...] -> [b, 1, ...] at each row's last valid position."""
+        return self.op("GatherND", [x, self.last_index], {"batch_dims": 1}, "last_token_state")
