@@ -49,6 +49,7 @@ class Generation:
     tokens: list[list[int]]
     logits: list[list[np.ndarray]]
     cache_after_prefill: dict[str, np.ndarray]
+    cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # after the last step
 
 
 class KVRunner:
@@ -152,7 +153,7 @@ class KVRunner:
                 row = logits[r, 0]
                 all_logits[r].append(row.copy())
                 tokens[r].append(int(np.argmax(row)))
-        return Generation(tokens, all_logits, after_prefill)
+        return Generation(tokens, all_logits, after_prefill, cache)
 
 
 def greedy_reference(model: str | os.PathLike | bytes, prompts: Sequence[Sequence[int]],

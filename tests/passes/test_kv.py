@@ -1,0 +1,277 @@
+"""The kv pass against Hugging Face: greedy tokens, logits at every step and the cache contents
+must equal what transformers' own ``generate`` (greedy, with its cache) produces on the same
+weights. Nothing here compares the pass's output with itself."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from qeff.errors import PassOptionError, QeffError, UnsupportedGraphError
+from qeff.passes import optimize
+from qeff.passes.kv import KVPass
+from qeff.passes.kv_runner import KVRunner
+
+ARCHS = ["gpt2", "llama", "mistral", "mixtral", "qwen2", "phi3", "falcon", "gptj", "mpt", "codegen",
+         "starcoder2", "gemma"]
+N_KV = {"gpt2": 4, "llama": 2, "mistral": 2, "mixtral": 2, "qwen2": 2, "phi3": 2, "falcon": 1,
+        "gptj": 4, "mpt": 4, "codegen": 4, "starcoder2": 2, "gemma": 1}
+CTX = 40
+NEW_TOKENS = 25  # the token chosen from the prefill logits, then 24 decode steps
+LENGTHS = (8, 5)
+
+
+def _prompts(lengths=LENGTHS, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 500, size=n).tolist() for n in lengths]
+
+
+def _kv(path, tmp_path, name="kv", **options) -> str:
+    spec = "kv:" + ",".join(f"{k}={v}" for k, v in {"ctx_len": CTX, **options}.items())
+    out = tmp_path / f"{name}.onnx"
+    optimize(path, spec, output=out)
+    return str(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_model(arch: str, attn: str = "eager"):
+    from qeff.frontend import build_tiny_model
+
+    model = build_tiny_model(arch, seed=0, attn_implementation=attn).eval()
+    model.generation_config.eos_token_id = None  # generate all tokens; never stop early
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _hf_generate(arch: str, prompt: list[int], attn: str = "eager"):
+    """HF greedy generation with its cache: (tokens, per-step logits)."""
+    import torch
+
+    model = _torch_model(arch, attn)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            do_sample=False, output_logits=True, return_dict_in_generate=True, use_cache=True,
+        )
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logits = [x[0].float().numpy() for x in out.logits]
+    return tokens, logits
+
+
+def _hf_cache(arch: str, prompt: list[int]):
+    import torch
+
+    model = _torch_model(arch)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        cache = model(ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+    return [(layer.keys[0].numpy(), layer.values[0].numpy()) for layer in cache.layers]
+
+
+def _check_against_hf(kv_path, arch, attn="eager", lengths=LENGTHS, atol=1e-4):
+    prompts = _prompts(lengths)
+    got = KVRunner(kv_path, CTX).generate(prompts, NEW_TOKENS, chunk=4)
+    for r, prompt in enumerate(prompts):
+        ref_tokens, ref_logits = _hf_generate(arch, prompt, attn)
+        assert got.tokens[r] == ref_tokens, f"prompt {r}: tokens differ from HF generate"
+        assert len(got.logits[r]) == len(ref_logits) == NEW_TOKENS
+        for step, (a, b) in enumerate(zip(got.logits[r], ref_logits)):
+            assert np.isfinite(a).all()
+            np.testing.assert_allclose(a, b, atol=atol, rtol=0, err_msg=f"prompt {r} step {step}")
+    return prompts, got
+
+
+# --- acceptance: every architecture, fp32 -----------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generation_matches_hf(tiny_export, tmp_path, arch):
+    kv_path = _kv(tiny_export(arch), tmp_path)
+    prompts, got = _check_against_hf(kv_path, arch)
+
+    # The retained cache after prefill equals HF's cache slot by slot; slots no valid token
+    # reached (the short prompt's pads) are untouched.
+    for r, prompt in enumerate(prompts):
+        n = len(prompt)
+        for i, (ref_k, ref_v) in enumerate(_hf_cache(arch, prompt)):
+            k = got.cache_after_prefill[f"past_key.{i}"]
+            v = got.cache_after_prefill[f"past_value.{i}"]
+            assert k.shape == (2, N_KV[arch], CTX, 16)
+            np.testing.assert_allclose(k[r, :, :n], ref_k, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(v[r, :, :n], ref_v, atol=1e-4, rtol=0)
+            assert not k[r, :, n:].any() and not v[r, :, n:].any()
+
+
+@pytest.mark.parametrize(
+    "arch,exporter,opset,attn",
+    [
+        ("gpt2", "torchscript", None, "eager"),
+        ("llama", "torchscript", None, "eager"),
+        ("llama", "dynamo", 17, "eager"),
+        ("llama", "dynamo", 20, "eager"),
+        ("llama", "dynamo", 18, "sdpa"),
+        ("llama", "dynamo", 23, "sdpa"),
+        ("llama", "dynamo", 24, "sdpa"),
+        ("gpt2", "dynamo", 18, "sdpa"),
+    ],
+)
+def test_exporters_opsets_and_sdpa(tiny_export, tmp_path, arch, exporter, opset, attn):
+    kv_path = _kv(tiny_export(arch, exporter=exporter, opset=opset, attn=attn), tmp_path)
+    _check_against_hf(kv_path, arch, attn)
+
+
+# --- the interface ----------------------------------------------------------------------------
+
+
+def test_interface_is_the_contract(tiny_export, tmp_path):
+    model = ir.load(_kv(tiny_export("llama"), tmp_path))
+    ins = [(v.name, v.dtype, [d if isinstance(d, int) else d.value for d in v.shape]) for v in model.graph.inputs]
+    f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+    cache = ["batch_size", 2, "ctx_len", 16]
+    assert ins == [
+        ("input_ids", i64, ["batch_size", "seq_len"]),
+        ("position_ids", i64, ["batch_size", "seq_len"]),
+        ("past_key.0", f32, cache), ("past_value.0", f32, cache),
+        ("past_key.1", f32, cache), ("past_value.1", f32, cache),
+    ]
+    outs = [(v.name, [d if isinstance(d, int) else d.value for d in v.shape]) for v in model.graph.outputs]
+    assert outs == [
+        ("logits", ["batch_size", 1, 512]),
+        ("past_key.0_RetainedState", cache), ("past_value.0_RetainedState", cache),
+        ("past_key.1_RetainedState", cache), ("past_value.1_RetainedState", cache),
+    ]
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("ScatterND") == 4
+    assert "attention_mask" not in {v.name for v in model.graph.inputs}
+
+
+def test_scatter_indices_stay_in_range_with_pads(tiny_export, tmp_path):
+    """A row whose last valid position is ctx_len-1 still gets in-range pad slots, and a
+    fully padded row changes nothing (onnxruntime would reject an out-of-range index)."""
+    runner = KVRunner(_kv(tiny_export("llama"), tmp_path), CTX)
+    cache = runner.new_cache(2)
+    rng = np.random.default_rng(0)
+    for name in cache:
+        cache[name] = rng.standard_normal(cache[name].shape).astype(np.float32)
+    ids = np.array([[5, 6, 7, 8], [9, 0, 0, 0]])
+    pos = np.array([[CTX - 1, -1, -1, -1], [-1, -1, -1, -1]])
+    logits, new = runner.step(ids, pos, cache)
+    assert np.isfinite(logits).all()
+    for name in cache:
+        changed = np.argwhere(np.any(new[name] != cache[name], axis=-1))
+        # Only row 0 at slot ctx_len-1 was written.
+        assert {(int(r), int(s)) for r, _, s in changed} == {(0, CTX - 1)}
+
+
+def test_fully_padded_chunk(tiny_export, tmp_path):
+    """Prompts of 9 and 2 tokens in chunks of 4: the short row is all pads in two chunks."""
+    _check_against_hf(_kv(tiny_export("llama"), tmp_path), "llama", lengths=(9, 2))
+
+
+def test_continuous_batching_reuses_a_dirty_row(tiny_export, tmp_path):
+    path = _kv(tiny_export("llama"), tmp_path, continuous_batching="true")
+    model = ir.load(path)
+    assert model.graph.inputs[-1].name == "batch_index"
+    assert model.graph.inputs[2].shape[0].value == "full_batch_size"
+    runner = KVRunner(path, CTX)
+    long_prompt, other, short_prompt = _prompts((12, 6, 5), seed=7)
+
+    used = runner.generate([long_prompt, other], 10, cache=runner.new_cache(3), rows=[1, 2]).cache
+    assert used["past_key.0"][1, :, 12:21].any()  # row 1 holds K/V beyond the next prompt's length
+    reused = runner.generate([short_prompt], 16, cache={k: v.copy() for k, v in used.items()}, rows=[1])
+    fresh = runner.generate([short_prompt], 16, rows=[0])
+    assert reused.tokens == fresh.tokens
+    for a, b in zip(reused.logits[0], fresh.logits[0]):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    hf_tokens, _ = _hf_generate("llama", short_prompt)
+    assert reused.tokens[0] == hf_tokens[:16]
+    for name in used:  # the other rows were not touched
+        np.testing.assert_array_equal(reused.cache[name][[0, 2]], used[name][[0, 2]])
+
+
+# --- options ----------------------------------------------------------------------------------
+
+
+def test_kv_dtype_float16(tiny_export, tmp_path):
+    path = _kv(tiny_export("llama"), tmp_path, kv_dtype="float16")
+    model = ir.load(path)
+    assert all(v.dtype == ir.DataType.FLOAT16 for v in model.graph.inputs[2:])
+    assert all(v.dtype == ir.DataType.FLOAT16 for v in model.graph.outputs[1:])
+    prompts = _prompts()
+    got = KVRunner(path, CTX).generate(prompts, NEW_TOKENS)
+    for r, prompt in enumerate(prompts):
+        ref_tokens, ref_logits = _hf_generate("llama", prompt)
+        agree = sum(a == b for a, b in zip(got.tokens[r], ref_tokens))
+        assert agree >= NEW_TOKENS - 1
+        np.testing.assert_allclose(got.logits[r][0], ref_logits[0], atol=5e-3, rtol=0)
+
+
+def test_logits_all(tiny_export, tmp_path):
+    import torch
+
+    path = _kv(tiny_export("gpt2"), tmp_path, logits="all")
+    runner = KVRunner(path, CTX)
+    prompt = _prompts((6,))[0]
+    ids = np.array([prompt])
+    logits, _ = runner.step(ids, np.arange(6)[None], runner.new_cache(1))
+    assert logits.shape == (1, 6, 512)
+    with torch.no_grad():
+        ref = _torch_model("gpt2")(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def test_refuses_graph_without_attention():
+    proto = onnx.parser.parse_model(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        bag (int64[b, s] input_ids) => (float[b, s, 4] logits)
+        <float[16, 8] emb = {0.0}, float[8, 4] head = {0.0}> {
+            h = Gather(emb, input_ids)
+            logits = MatMul(h, head)
+        }"""
+    )
+    model = ir.serde.deserialize_model(proto)
+    with pytest.raises(UnsupportedGraphError, match="no attention found: no Softmax"):
+        KVPass(KVPass.Options(ctx_len=16))(model)
+    assert [n.op_type for n in model.graph] == ["Gather", "MatMul"]
+
+
+def test_refuses_a_model_with_a_static_cache(tiny_export, tmp_path):
+    model = ir.load(_kv(tiny_export("llama"), tmp_path))
+    model.metadata_props.clear()  # no pass history: the graph itself must give it away
+    before = len(list(model.graph))
+    with pytest.raises(UnsupportedGraphError, match="already has a static KV cache"):
+        KVPass(KVPass.Options(ctx_len=CTX))(model)
+    assert len(list(model.graph)) == before
+
+
+def test_refuses_missing_ctx_len(tiny_export):
+    model = ir.load(tiny_export("llama"))
+    with pytest.raises(PassOptionError, match="ctx_len"):
+        KVPass(KVPass.Options())(model)
+
+
+def test_position_table_bounds_ctx_len(tiny_export):
+    from qeff.frontend import tiny_config
+
+    rows = tiny_config("gpt2").n_positions
+    model = ir.load(tiny_export("gpt2"))
+    with pytest.raises(PassOptionError, match="position table"):
+        KVPass(KVPass.Options(ctx_len=rows + 1))(model)
+    result = KVPass(KVPass.Options())(ir.load(tiny_export("gpt2")))  # implied by the table
+    assert result.modified
+
+
+def test_refuses_prompt_longer_than_ctx_len(tiny_export, tmp_path):
+    runner = KVRunner(_kv(tiny_export("llama"), tmp_path), CTX)
+    with pytest.raises(QeffError, match="does not fit"):
+        runner.generate([list(range(1, CTX + 2))], 1)
+    with pytest.raises(QeffError, match="do not fit"):
+        runner.generate([list(range(1, 30))], 20)
