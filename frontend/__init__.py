@@ -16,6 +16,7 @@ from .export import export_causal_lm
 from .loading import load_causal_lm
 from .randomize import randomize_parameters
 from .tiny import TINY_ARCHITECTURES, build_tiny_model, tiny_config
+from .with_past import export_with_past
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ __all__ = [
     "randomize_parameters",
     "load_causal_lm",
     "export_causal_lm",
+    "export_with_past",
     "compare_with_onnxruntime",
     "export_model",
     "ExportResult",

@@ -111,7 +111,8 @@ class _Shapes:
         for node in self._model.graph:
             if node.op_type in ("MatMul", "Softmax", "Attention"):
                 for v in (*node.inputs, *node.outputs):
-                    if v is not None and v.shape is None:
+                    if v is not None and (v.shape is None or any(
+                            not isinstance(d, int) and _unknown(d.value) for d in v.shape)):
                         return True
         return False
 
@@ -153,13 +154,19 @@ class _Shapes:
         if v is None:
             return None
         s = v.shape
-        if s is None or any(not isinstance(d, int) and d.value is None for d in s):
+        if s is None or any(not isinstance(d, int) and _unknown(d.value) for d in s):
             inferred = self._infer().get(v.name) if v.name else None
             if inferred is not None and (s is None or len(inferred) == len(s)):
                 s = inferred
         if s is None:
             return None
-        return tuple(d if isinstance(d, int) else (d.value if d.value is not None else None) for d in s)
+        return tuple(d if isinstance(d, int) else (None if _unknown(d.value) else d.value) for d in s)
+
+
+def _unknown(dim_name: str | None) -> bool:
+    """An unnamed dim, or a placeholder ONNX shape inference invents (``unk__23``): it says
+    nothing about which dims are equal, so it must not be matched as a name."""
+    return dim_name is None or dim_name.startswith("unk__")
 
 
 def _const_scalar(v: ir.Value | None) -> float | None:

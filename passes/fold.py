@@ -74,10 +74,25 @@ class FoldPass(QeffPass):
         folder.run()
         if folder.folded:
             RemoveUnusedNodesPass()(model)
+        _forget_placeholder_dims(model.graph)
         self.details = {"folded": dict(folder.folded)} if folder.folded else {}
         if folder.failures:
             self.details["not_evaluable"] = dict(folder.failures)
         return ir.passes.PassResult(model, modified=bool(folder.folded))
+
+
+def _forget_placeholder_dims(graph: ir.Graph) -> None:
+    """Shape inference names dims it cannot resolve ``unk__N``; once folding has changed the
+    graph those names are stale guesses, so they become unknown dims (later passes re-infer)."""
+    for node in graph:
+        for out in node.outputs:
+            shape = out.shape
+            if shape is not None and any(
+                not isinstance(d, int) and (d.value or "").startswith("unk__") for d in shape
+            ):
+                out.shape = ir.Shape(
+                    [d if isinstance(d, int) or not (d.value or "").startswith("unk__") else None for d in shape]
+                )
 
 
 def _missing_shapes(graph: ir.Graph) -> bool:

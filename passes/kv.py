@@ -279,6 +279,30 @@ def _live_nodes(graph: ir.Graph, roots: list[ir.Value], substitutes: dict[int, l
     return live
 
 
+def _shape_dims(node: ir.Node, x: ir.Value) -> list[int] | None:
+    """The dims of ``x`` a ``Shape`` node reads (its start/end), or None for any other node."""
+    if node.op_type != "Shape" or x.shape is None:
+        return None
+    rank = len(x.shape)
+    start = node.attributes.get("start")
+    end = node.attributes.get("end")
+    lo = start.value if start is not None else 0
+    hi = end.value if end is not None else rank
+    lo, hi = (lo + rank if lo < 0 else lo), (hi + rank if hi < 0 else hi)
+    return list(range(max(0, lo), min(rank, hi)))
+
+
+def _removed_inputs(attention_mask: ir.Value | None, layers: list[_Layer], dynamic: bool):
+    """Inputs the rewrite removes, each with the dims of its shape the new graph can still
+    provide: attention_mask is [batch, seq] like input_ids (its dim 1 is past+seq in a
+    dynamic-cache export); a dynamic-cache past keeps batch, heads and head_dim."""
+    if attention_mask is not None:
+        yield attention_mask, ({0} if dynamic else {0, 1})
+    for layer in layers:
+        for past in layer.past_inputs:
+            yield past, {0, 1, 3}
+
+
 def _make_plan(model: ir.Model, options: KVOptions) -> _Plan:
     graph = model.graph
     _refuse_static_cache(graph)
@@ -358,17 +382,21 @@ def _make_plan(model: ir.Model, options: KVOptions) -> _Plan:
     present_ids = {id(o) for layer in layers for o in layer.present_outputs}
     roots = [o for o in graph.outputs if id(o) not in present_ids]
     live = _live_nodes(graph, roots, substitutes)
-    for x in [attention_mask] + [p for layer in layers for p in layer.past_inputs]:
-        if x is None:
-            continue
+    dynamic = any(layer.past_inputs for layer in layers)
+    for x, allowed in _removed_inputs(attention_mask, layers, dynamic):
         for use in x.uses():
-            if id(use.node) in live and not (x is attention_mask and use.node.op_type == "Shape"):
-                where = _layer_of(use.node)
-                at = f" in layer {where}" if where is not None else ""
-                raise _fail(
-                    f"{x.name} is still read by {use.node.op_type} {use.node.name!r}{at} outside the attention cores",
-                    "the model uses it for something other than attention masking; export it without that use",
-                )
+            if id(use.node) not in live:
+                continue
+            dims = _shape_dims(use.node, x)
+            if dims is not None and set(dims) <= allowed:
+                continue  # only its shape is read, and that shape survives the rewrite
+            where = _layer_of(use.node)
+            at = f" in layer {where}" if where is not None else ""
+            what = f"dims {dims} of its shape" if dims is not None else "its values"
+            raise _fail(
+                f"{x.name} is still needed ({what}, by {use.node.op_type} {use.node.name!r}{at}) outside the attention cores",
+                "the model uses it for something other than attention; export it without that use",
+            )
     lm_head, path = _lm_head(logits) if options.logits == "last" else (None, [])
     compute = layers[0].site.query.dtype or ir.DataType.FLOAT
     return _Plan(input_ids, position_ids, attention_mask, layers, logits, lm_head, path, ctx_len, compute)
@@ -473,7 +501,23 @@ def _apply(model: ir.Model, plan: _Plan, options: KVOptions) -> None:
     if batch_index is not None:
         graph.inputs.append(batch_index)
     RemoveUnusedNodesPass()(model)
-    if mask is not None:
-        for use in list(mask.uses()):
-            use.node.replace_input_with(use.idx, input_ids)  # only Shape uses are left (checked)
+    # Only Shape uses of the removed inputs are left (checked by the plan): rebuild them.
+    dynamic = bool(dropped)
+    tape = ir.tape.Tape()
+    for x, _ in _removed_inputs(mask, plan.layers, dynamic):
+        layer = next((la for la in plan.layers if x in la.past_inputs), None)
+        for use in list(x.uses()):
+            pieces = []
+            for dim in _shape_dims(use.node, x):
+                if dim in (0, 1) and layer is None:
+                    pieces.append(tape.op("Shape", [input_ids], {"start": dim, "end": dim + 1}))
+                elif dim == 0:
+                    pieces.append(tape.op("Shape", [input_ids], {"start": 0, "end": 1}))
+                else:
+                    n = layer.site.n_kv_heads if dim == 1 else layer.site.head_dim
+                    pieces.append(b.i64(n))
+            vector = pieces[0] if len(pieces) == 1 else tape.op("Concat", pieces, {"axis": 0})
+            ir.convenience.replace_all_uses_with(use.node.outputs[0], vector)
+    graph.extend(tape.nodes)
+    RemoveUnusedNodesPass()(model)
     TopologicalSortPass()(model)

@@ -178,10 +178,13 @@ def optimize(
                 result.report.write_json(report_path)
     if result.report.verification and not result.report.verification["passed"]:
         v = result.report.verification
-        worst = max(v["outputs"], key=lambda k: v["outputs"][k]["max_abs"])
+        if "token_agreement" in v:
+            what = f"greedy tokens agree {v['token_agreement']}, logits differ by up to {v['max_abs']:.3g}"
+        else:
+            worst = max(v["outputs"], key=lambda k: v["outputs"][k]["max_abs"])
+            what = f"output {worst!r} differs by {v['max_abs']:.3g}"
         raise VerificationError(
-            f"--verify failed: output {worst!r} differs by {v['max_abs']:.3g} "
-            f"(tolerance {tolerance:g}); nothing was written",
+            f"--verify failed: {what} (tolerance {tolerance:g}); nothing was written",
             "inspect the report (--report) or raise --tolerance if the difference is expected",
         )
     return result

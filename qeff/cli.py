@@ -45,7 +45,9 @@ def _run_app(app: typer.Typer, program: str) -> None:
     except QeffError as e:
         if _State.debug:
             raise
-        err_console.print(f"[bold red]{program}: error:[/] {e.one_line()}", highlight=False, soft_wrap=True)
+        # The message is plain text (it may hold "[b, h, S, d]"); only the prefix is markup.
+        err_console.print(f"[bold red]{program}: error:[/] ", end="", highlight=False)
+        err_console.print(e.one_line(), highlight=False, soft_wrap=True, markup=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print(f"{program}: interrupted; nothing was written")
@@ -121,10 +123,12 @@ def run_opt(
     console.print(result.report.rich_table())
     if result.report.verification:
         v = result.report.verification
-        console.print(
-            f"verify: max abs difference {v['max_abs']:.3g} over outputs "
-            f"{', '.join(v['outputs'])} (tolerance {v['tolerance']:g}) — [green]passed[/]"
-        )
+        if "token_agreement" in v:  # generation-based (kv): tokens and logits per step
+            what = (f"greedy tokens agree {v['token_agreement']} over {v['steps']} steps, "
+                    f"max abs logits difference {v['max_abs']:.3g}")
+        else:
+            what = f"max abs difference {v['max_abs']:.3g} over outputs {', '.join(v['outputs'])}"
+        console.print(f"verify: {what} (tolerance {v['tolerance']:g}) — [green]passed[/]")
     console.print(
         f"wrote {result.output} and {result.manifest_path.name}"
         + (f", report {report}" if report else "")
@@ -248,12 +252,15 @@ def demo_command(
     arch: str = typer.Option("llama", "--arch", help="tiny architecture to build"),
     exporter: str = typer.Option("torchscript", "--exporter", help="dynamo or torchscript"),
     workdir: Path = typer.Option(Path("qeff-demo"), "--workdir", help="where the demo writes its files"),
-    passes: str = typer.Option("cleanup,fold", "--passes", help="passes to run"),
+    passes: str = typer.Option("cleanup,fold,kv", "--passes", help="passes to run"),
+    ctx_len: Optional[int] = typer.Option(
+        None, "--ctx-len", help="cache length for the kv pass (default 64; only with a pass that takes it)"
+    ),
 ) -> None:
-    """Build a tiny model, export it, rewrite it and verify it: the whole flow on one screen."""
+    """Build a tiny model, export it, rewrite it, verify it and generate with it: the whole flow on one screen."""
     from qeff.demo import run_demo
 
-    run_demo(arch=arch, exporter=exporter, workdir=workdir, passes=passes, console=console)
+    run_demo(arch=arch, exporter=exporter, workdir=workdir, passes=passes, ctx_len=ctx_len, console=console)
 
 
 def main() -> None:

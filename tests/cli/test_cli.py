@@ -215,11 +215,72 @@ def test_export_unknown_architecture(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def _table_rows(out: str, title: str) -> list[list[str]]:
+    """The body rows of a rich table printed (unwrapped) under ``title``, as lists of cells."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == title)
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("└"):
+            break
+        if line.startswith("│"):
+            rows.append([cell.strip() for cell in line.strip("│").split("│")])
+    return rows
+
+
 def test_demo_runs_the_flow(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
-    code, out, err = invoke(cli.main, ["demo", "--workdir", tmp_path / "demo", "--arch", "gpt2"], monkeypatch, capsys)
+    from rich.console import Console
+
+    from qeff.passes.kv_runner import greedy_reference
+
+    # Wide enough that no table cell wraps, so the printed tokens can be read back.
+    monkeypatch.setattr(cli, "console", Console(width=300))
+    demo = tmp_path / "demo"
+    code, out, err = invoke(
+        cli.main, ["demo", "--workdir", demo, "--arch", "gpt2", "--ctx-len", "32"], monkeypatch, capsys
+    )
     assert code == 0, err
-    assert "verified in onnxruntime" in out
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert "verified in onnxruntime by greedy generation" in out
+    report = json.loads((demo / "report.json").read_text())
     assert report["verification"]["passed"]
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "fold", "kv"]
     assert report["passes"][1]["nodes_after"] < report["passes"][0]["nodes_before"]
+    assert report["passes"][2]["details"]["ctx_len"] == 32
+
+    # The generation table: recompute the reference here from the printed prompts, with the
+    # original export, and compare it with what the demo printed for the KV model.
+    assert "greedy generation, 12 new tokens: KV model (ctx_len 32" in out
+    rows = _table_rows(out, "generation")
+    assert len(rows) == 2
+    prompts = [[int(t) for t in row[1].split()] for row in rows]
+    printed_kv = [[int(t) for t in row[2].split()] for row in rows]
+    printed_ref = [[int(t) for t in row[3].split()] for row in rows]
+    assert [len(p) for p in prompts] == [6, 3]
+    expected = greedy_reference(demo / "tiny-gpt2.onnx", prompts, 12).tokens
+    assert printed_kv == expected
+    assert printed_ref == expected
+    assert [row[4] for row in rows] == ["✓", "✓"]
+    steps = out.split("max abs logits difference per step (0 = prefill, worst prompt):")[1].splitlines()[0].split()
+    assert len(steps) == 12 and max(float(d) for d in steps) < 1e-4
+    assert "tokens/s" in out and "prefill 2 prompts in 2 chunks of 4:" in out
+
+
+def test_demo_without_kv_skips_generation(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    demo = tmp_path / "demo"
+    # --ctx-len with a pipeline that does not take it is refused before anything is exported.
+    code, out, err = invoke(
+        cli.main, ["demo", "--workdir", demo, "--passes", "cleanup,fold", "--ctx-len", "32"], monkeypatch, capsys
+    )
+    assert code == 2 and "--ctx-len" in err and out == ""
+    assert not demo.exists()
+
+    code, out, err = invoke(
+        cli.main, ["demo", "--workdir", demo, "--arch", "gpt2", "--passes", "cleanup,fold"], monkeypatch, capsys
+    )
+    assert code == 0, err
+    assert "verified in onnxruntime: max abs difference" in out
+    assert "greedy generation" not in out and "generation" not in out.replace("qeff demo", "")
+    report = json.loads((demo / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "fold"]

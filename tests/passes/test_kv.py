@@ -125,6 +125,18 @@ def test_exporters_opsets_and_sdpa(tiny_export, tmp_path, arch, exporter, opset,
     _check_against_hf(kv_path, arch, attn)
 
 
+def test_dynamic_cache_export_is_converted(tiny_export, tmp_path):
+    source = ir.load(tiny_export("llama", with_past=True))
+    assert [v.name for v in source.graph.inputs][3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert sum(n.op_type == "Concat" and n.outputs[0].is_graph_output() for n in source.graph) == 4
+    kv_path = _kv(tiny_export("llama", with_past=True), tmp_path)
+    model = ir.load(kv_path)
+    assert [v.name for v in model.graph.inputs] == [
+        "input_ids", "position_ids", "past_key.0", "past_value.0", "past_key.1", "past_value.1"]
+    assert not any(v.name.startswith("present") for v in model.graph.outputs)
+    _check_against_hf(kv_path, "llama")
+
+
 # --- the interface ----------------------------------------------------------------------------
 
 
