@@ -40,7 +40,7 @@ Rules:
 
 from __future__ import annotations
 
-__all__ = ["AttentionSite", "find_attention_sites", "explain_no_match"]
+__all__ = ["AttentionSite", "find_attention_sites", "rejected_candidates", "explain_no_match"]
 
 import dataclasses
 import logging
@@ -518,6 +518,7 @@ class _Matcher:
     def run(self) -> tuple[list[AttentionSite], list[str]]:
         sites: list[tuple[int, ir.Node, AttentionSite]] = []
         reasons: list[str] = []
+        self.rejected: list[tuple[int | None, str]] = []
         for order, node in enumerate(self.graph):
             if node.domain not in ("", "ai.onnx") or node.op_type not in ("Softmax", "Attention"):
                 continue
@@ -528,6 +529,7 @@ class _Matcher:
                     site = self.match_attention(node)
             except _NoMatch as err:
                 reasons.append(f"{node.op_type} {node.name!r} (#{len(reasons) + len(sites)}): {err}")
+                self.rejected.append((_layer_of(node), f"{node.op_type} {node.name!r}: {err}"))
                 continue
             except Exception as err:  # noqa: BLE001 - a weird graph must not break the caller
                 logger.debug("matching %s failed", node.name, exc_info=True)
@@ -555,6 +557,17 @@ def find_attention_sites(model: ir.Model) -> list[AttentionSite]:
     for r in reasons:
         logger.debug("not an attention site: %s", r)
     return sites
+
+
+def rejected_candidates(model: ir.Model) -> list[tuple[int | None, str]]:
+    """(layer from the name scopes or node name, or None; why) for each Softmax / Attention
+    node that was not taken as an attention site."""
+    matcher = _Matcher(model)
+    try:
+        matcher.run()
+    except Exception:  # noqa: BLE001
+        return []
+    return matcher.rejected
 
 
 def explain_no_match(model: ir.Model) -> str:

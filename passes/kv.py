@@ -14,7 +14,15 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from qeff.errors import PassOptionError, UnsupportedGraphError
-from qeff.passes.attention import AttentionSite, _ancestors, _const_array, _layer_of, explain_no_match, find_attention_sites
+from qeff.passes.attention import (
+    AttentionSite,
+    _ancestors,
+    _const_array,
+    _layer_of,
+    explain_no_match,
+    find_attention_sites,
+    rejected_candidates,
+)
 from qeff.passes.base import QeffPass
 from qeff.passes.kv_builder import KVGraphBuilder
 
@@ -320,6 +328,12 @@ def _make_plan(model: ir.Model, options: KVOptions) -> _Plan:
         raise _fail(f"no attention found: {explain_no_match(model)}",
                     "kv needs a decoder whose attention is MatMul→Softmax→MatMul or an ONNX Attention node")
     layer_ids = [s.layer for s in sites]
+    # A Softmax rejected in a layer that has no site is that layer's attention, not matched
+    # (a rejected Softmax inside a matched layer is something else, such as an MoE router).
+    for layer, why in rejected_candidates(model):
+        if layer is not None and layer not in layer_ids:
+            raise _fail(f"layer {layer}: attention not recognised: {why}",
+                        "kv needs MatMul → [scale] → [mask] → Softmax → MatMul or an ONNX Attention node per layer")
     if sorted(layer_ids) != list(range(len(sites))):
         raise _fail(f"attention sites found for layers {layer_ids}, expected 0..{len(sites) - 1}",
                     "some layer's attention was not recognised; run with --debug for the matcher's log")

@@ -284,3 +284,32 @@ def test_demo_without_kv_skips_generation(tmp_path, monkeypatch, capsys):
     assert "greedy generation" not in out and "generation" not in out.replace("qeff demo", "")
     report = json.loads((demo / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["cleanup", "fold"]
+
+
+def test_kv_verify_from_the_command_line(tiny_export, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "llama.kv.onnx"
+    code, stdout, err = invoke(
+        cli.opt_main, [tiny_export("llama"), "--passes", "kv", "--ctx-len", "40", "--verify", "-o", out],
+        monkeypatch, capsys,
+    )
+    assert code == 0, err
+    assert "greedy tokens agree 32/32" in " ".join(stdout.split())
+    manifest = json.loads((tmp_path / "llama.kv.qeff.json").read_text())
+    assert manifest["ctx_len"] == 40
+    assert manifest["retained_state"] == [
+        f"past_{k}.{i}_RetainedState" for i in range(2) for k in ("key", "value")]
+    assert manifest["kv"]["n_kv_heads"] == 2
+
+
+def test_kv_verify_failure_writes_nothing(tiny_export, tmp_path, monkeypatch, capsys):
+    """A tolerance below the float32 noise of the rewrite makes --verify fail: exit 2, one
+    line naming the token agreement, no model written."""
+    out = tmp_path / "llama.kv.onnx"
+    code, _, err = invoke(
+        cli.opt_main,
+        [tiny_export("llama"), "--passes", "kv", "--ctx-len", "40", "--verify", "--tolerance", "1e-12", "-o", out],
+        monkeypatch, capsys,
+    )
+    assert code == 2
+    assert "--verify failed: greedy tokens agree" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "llama.kv.qeff.json").exists()

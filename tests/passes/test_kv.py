@@ -287,3 +287,15 @@ def test_refuses_prompt_longer_than_ctx_len(tiny_export, tmp_path):
         runner.generate([list(range(1, CTX + 2))], 1)
     with pytest.raises(QeffError, match="do not fit"):
         runner.generate([list(range(1, 30))], 20)
+
+
+def test_refuses_an_unrecognised_layer_naming_it(tiny_export):
+    model = ir.load(tiny_export("llama"))
+    softmax = [n for n in model.graph if n.op_type == "Softmax"][1]
+    odd = ir.node("Sin", [softmax.inputs[0]])  # layer 1's scores no longer come from a MatMul
+    model.graph.insert_before(softmax, odd)
+    softmax.replace_input_with(0, odd.outputs[0])
+    before = [n.op_type for n in model.graph]
+    with pytest.raises(UnsupportedGraphError, match=r"layer 1: attention not recognised: .*Sin"):
+        KVPass(KVPass.Options(ctx_len=CTX))(model)
+    assert [n.op_type for n in model.graph] == before
