@@ -299,3 +299,35 @@ def test_refuses_an_unrecognised_layer_naming_it(tiny_export):
     with pytest.raises(UnsupportedGraphError, match=r"layer 1: attention not recognised: .*Sin"):
         KVPass(KVPass.Options(ctx_len=CTX))(model)
     assert [n.op_type for n in model.graph] == before
+
+
+def test_sliding_window_matches_hf_mistral(tmp_path):
+    """Mistral with a 6-token window: the kv mask (c > p - window) must reproduce HF's
+    sliding-window attention once the sequence is longer than the window."""
+    import torch
+    import transformers
+
+    from qeff.frontend import export_causal_lm, randomize_parameters, tiny_config
+
+    config = tiny_config("mistral")
+    config.sliding_window = 6
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    randomize_parameters(model, 0)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    path = export_causal_lm(model, tmp_path / "mistral-sw.onnx", external_data=False, progress=False)
+    kv_path = _kv(path, tmp_path, sliding_window=6)
+    prompts = _prompts()
+    got = KVRunner(kv_path, CTX).generate(prompts, 12)
+    windowless = KVRunner(_kv(path, tmp_path, name="nowindow"), CTX).generate(prompts, 12)
+    for r, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        assert got.tokens[r] == out.sequences[0, len(prompt):].tolist()
+        for a, b in zip(got.logits[r], out.logits):
+            np.testing.assert_allclose(a, b[0].numpy(), atol=1e-4, rtol=0)
+        # The window matters here: without it the logits differ.
+        assert np.abs(windowless.logits[r][-1] - got.logits[r][-1]).max() > 1e-3
