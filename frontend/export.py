@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXPORTERS", "export_causal_lm", "takes_position_ids"]
 
 EXPORTERS = ("dynamo", "torchscript")
+DYNAMO_MIN_OPSET = 18
 
 # Above this much parameter data the model goes to a separate ``.onnx.data`` file when the caller
 # does not choose: protobuf cannot serialise more than 2 GiB, and loading a 1 GiB protobuf already
@@ -304,6 +305,12 @@ def export_causal_lm(
     torch, _ = require_torch()
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}", f"choose one of: {', '.join(EXPORTERS)}")
+    if exporter == "dynamo" and opset is not None and opset < DYNAMO_MIN_OPSET:
+        # torch.onnx writes opset 18 anyway and says nothing; asking for 17 must not pass silently.
+        raise ExportError(
+            f"the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or later, not {opset}",
+            f"use exporter='torchscript' for opset {opset}",
+        )
     output = Path(output)
     if output.is_dir():
         raise ExportError(f"{output} is a folder", "give the path of the .onnx file to write")

@@ -180,6 +180,9 @@ def test_export_argument_errors(tmp_path, monkeypatch, capsys):
     assert code == 2 and "either a model folder or --tiny" in err
     code, _, err = invoke(cli.main, ["export", "--tiny", "llama", "--exporter", "jit"], monkeypatch, capsys)
     assert code == 2 and "unknown exporter" in err
+    code, _, err = invoke(cli.main, ["export", "--tiny", "llama", "--opset", "17", "-o", tmp_path / "x.onnx"],
+                          monkeypatch, capsys)
+    assert code == 2 and "opset 18 or later" in err and "torchscript" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -112,7 +112,7 @@ def test_generation_matches_hf(tiny_export, tmp_path, arch):
     [
         ("gpt2", "torchscript", None, "eager"),
         ("llama", "torchscript", None, "eager"),
-        ("llama", "dynamo", 17, "eager"),
+        ("llama", "torchscript", 17, "eager"),  # dynamo writes opset 18 at the least
         ("llama", "dynamo", 20, "eager"),
         ("llama", "dynamo", 18, "sdpa"),
         ("llama", "dynamo", 23, "sdpa"),
