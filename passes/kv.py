@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 _STATIC_CACHE_INPUT = re.compile(r"^past_(key|value)\.\d+$")
 # Ops between the lm_head MatMul and the logits output that act on each token on its own.
-_PER_TOKEN_OPS = {"Cast", "Identity", "Tanh", "Softcap"}
+_PER_TOKEN_OPS = {"Cast", "Identity", "Tanh"}
 _PER_TOKEN_BINARY = {"Add", "Sub", "Mul", "Div"}
 
 

@@ -331,3 +331,38 @@ def test_sliding_window_matches_hf_mistral(tmp_path):
             np.testing.assert_allclose(a, b[0].numpy(), atol=1e-4, rtol=0)
         # The window matters here: without it the logits differ.
         assert np.abs(windowless.logits[r][-1] - got.logits[r][-1]).max() > 1e-3
+
+
+def test_three_d_attention_node_with_gqa(tmp_path):
+    """A hand-built decoder around a 3-D ONNX Attention node (q_num_heads=2, kv_num_heads=1,
+    is_causal=1, no mask and no position_ids input): the KV model must generate what
+    onnxruntime's own Attention computes over the whole sequence."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qeff.passes.kv_runner import verify_kv_model
+
+    rng = np.random.default_rng(0)
+    vocab, hidden, heads, kv_heads, head_dim = 50, 16, 2, 1, 8
+    shapes = {"emb": (vocab, hidden), "wq": (hidden, heads * head_dim), "wk": (hidden, kv_heads * head_dim),
+              "wv": (hidden, kv_heads * head_dim), "wo": (heads * head_dim, vocab)}
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.5).astype(np.float32), n) for n, s in shapes.items()]
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "wq"], ["q"]),
+        helper.make_node("MatMul", ["h", "wk"], ["k"]),
+        helper.make_node("MatMul", ["h", "wv"], ["v"]),
+        helper.make_node("Attention", ["q", "k", "v"], ["a"], q_num_heads=heads, kv_num_heads=kv_heads, is_causal=1),
+        helper.make_node("MatMul", ["a", "wo"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "attention3d", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])], inits)
+    proto = onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10))
+    source = tmp_path / "attention3d.onnx"
+    onnx.save(proto, source)
+    kv_path = tmp_path / "attention3d.kv.onnx"
+    optimize(source, "kv:ctx_len=24", output=kv_path)
+    assert [v.name for v in ir.load(kv_path).graph.inputs][:3] == ["input_ids", "position_ids", "past_key.0"]
+    result = verify_kv_model(source, kv_path, ctx_len=24)
+    assert result["token_agreement"] == "32/32" and result["max_abs"] < 1e-5
