@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from qeff.passes.base import PASS_REGISTRY, NoOptions, QeffPass, describe_options, get_pass
 from qeff.passes.cleanup import CleanupPass
+from qeff.passes.fixed import FixedPass
 from qeff.passes.fold import FoldPass
 from qeff.passes.kv import KVPass
 from qeff.passes.manager import PipelineResult, default_output_path, optimize, run_passes
@@ -20,6 +21,7 @@ __all__ = [
     "get_pass",
     "describe_options",
     "CleanupPass",
+    "FixedPass",
     "FoldPass",
     "KVPass",
     "PipelineResult",
