@@ -170,18 +170,30 @@ def _unknown(dim_name: str | None) -> bool:
 
 
 def _const_scalar(v: ir.Value | None) -> float | None:
-    arr = _const_array(v)
-    if arr is None or arr.size != 1 or not np.issubdtype(arr.dtype, np.number):
+    arr = _const_array(v, max_elements=1)
+    if arr is None or not np.issubdtype(arr.dtype, np.number):
         return None
     return float(arr.reshape(()))
 
 
-def _const_array(v: ir.Value | None) -> np.ndarray | None:
+def _const_tensor(v: ir.Value | None) -> ir.TensorProtocol | None:
+    """The constant tensor behind ``v`` (initializer or Constant), without reading its data."""
     if v is None:
         return None
     try:
-        t = ir.convenience.get_const_tensor(v)
-        return None if t is None else np.asarray(t.numpy())
+        return ir.convenience.get_const_tensor(v)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _const_array(v: ir.Value | None, max_elements: int | None = None) -> np.ndarray | None:
+    """``v``'s constant value as an array; None when it is not constant or, with
+    ``max_elements``, bigger than that (checked from the shape, so weights are never read)."""
+    t = _const_tensor(v)
+    if t is None or (max_elements is not None and t.size > max_elements):
+        return None
+    try:
+        return np.asarray(t.numpy())
     except Exception:  # noqa: BLE001
         return None
 
@@ -243,8 +255,8 @@ def _is_mask_term(term: ir.Value, graph: ir.Graph) -> tuple[bool, bool]:
     for x in _ancestors(term):
         if id(x) in mask_inputs:
             from_mask = True
-        arr = _const_array(x)
-        if arr is not None and arr.size <= 16 and np.issubdtype(arr.dtype, np.floating):
+        arr = _const_array(x, max_elements=16)
+        if arr is not None and np.issubdtype(arr.dtype, np.floating):
             if np.any(arr <= _BIG_NEGATIVE):
                 big_neg = True
         if big_neg and from_mask:

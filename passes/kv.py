@@ -18,6 +18,7 @@ from qeff.passes.attention import (
     AttentionSite,
     _ancestors,
     _const_array,
+    _const_tensor,
     _layer_of,
     explain_no_match,
     find_attention_sites,
@@ -81,6 +82,9 @@ class _Plan:
     lm_head_path: list[ir.Value]  # values from lm_head output to logits (their dim 1 becomes 1)
     ctx_len: int
     compute_dtype: ir.DataType
+    # Live Shape reads of removed inputs: (Shape node, dims it reads, layer of a dynamic-cache
+    # past or None for attention_mask); the rewrite rebuilds them from input_ids.
+    shape_reads: list[tuple[ir.Node, list[int], _Layer | None]]
 
 
 class KVPass(QeffPass):
@@ -128,13 +132,12 @@ class KVPass(QeffPass):
             "site_kinds": sorted({layer.site.kind for layer in layers}),
             "dynamic_cache_converted": any(layer.past_inputs for layer in layers),
         }
-        self.resolved_ctx_len = plan.ctx_len
         logger.info("kv: %d layers, ctx_len %d", len(layers), plan.ctx_len)
         return ir.passes.PassResult(model, True)
 
     def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
         o = self.options
-        ctx = getattr(self, "resolved_ctx_len", o.ctx_len)
+        ctx = self.details.get("ctx_len", o.ctx_len)
         retained = [v.name for v in model.graph.outputs if v.name and v.name.endswith("_RetainedState")]
         manifest["kv"] = {
             "layers": self.details.get("layers"),
@@ -158,7 +161,7 @@ class KVPass(QeffPass):
     def verify(self, reference: Any, candidate: Any, tolerance: float) -> dict[str, Any] | None:
         from qeff.passes.kv_runner import verify_kv_model
 
-        return verify_kv_model(reference, candidate, ctx_len=getattr(self, "resolved_ctx_len", self.options.ctx_len),
+        return verify_kv_model(reference, candidate, ctx_len=self.details.get("ctx_len", self.options.ctx_len),
                                tolerance=tolerance)
 
 
@@ -203,8 +206,12 @@ def _alibi_slopes(site: AttentionSite, term: ir.Value) -> np.ndarray | None:
     """Per-head slopes of an ALiBi table in ``term``'s ancestry: a constant with a dim of
     ``n_heads`` that grows linearly along its last axis."""
     for x in _ancestors(term):
+        t = _const_tensor(x)
+        shape = tuple(t.shape) if t is not None else ()
+        if len(shape) < 2 or shape[-1] < 2 or site.n_heads not in shape:
+            continue  # decided from the shape alone: no other constant is read
         arr = _const_array(x)
-        if arr is None or arr.ndim < 2 or arr.shape[-1] < 2 or site.n_heads not in arr.shape:
+        if arr is None:
             continue
         arr = np.asarray(arr, dtype=np.float64)
         steps = np.diff(arr, axis=-1)
@@ -224,8 +231,8 @@ def _implied_ctx_len(graph: ir.Graph, position_ids: ir.Value | None) -> int | No
     for use in position_ids.uses():
         node = use.node
         if node.op_type == "Gather" and use.idx == 1:
-            table = _const_array(node.inputs[0])
-            if table is not None and table.ndim == 2:
+            table = _const_tensor(node.inputs[0])
+            if table is not None and len(table.shape) == 2:
                 rows.append(table.shape[0])
     return min(rows) if rows else None
 
@@ -243,7 +250,7 @@ def _lm_head(logits: ir.Value) -> tuple[ir.Node | None, list[ir.Value]]:
         p = v.producer()
         if p is None:
             break
-        if p.op_type in ("MatMul", "Gemm") and len(p.inputs) >= 2 and _const_array(p.inputs[1]) is not None:
+        if p.op_type in ("MatMul", "Gemm") and len(p.inputs) >= 2 and _const_tensor(p.inputs[1]) is not None:
             if p.op_type == "Gemm":
                 break  # Gemm is 2-D only; the gather after it would change its rank
             return p, list(reversed(path))
@@ -251,10 +258,9 @@ def _lm_head(logits: ir.Value) -> tuple[ir.Node | None, list[ir.Value]]:
             v = p.inputs[0]
         elif p.op_type in _PER_TOKEN_BINARY and len(p.inputs) == 2:
             a, b = p.inputs
-            const_a, const_b = _const_array(a), _const_array(b)
-            if const_b is not None and const_b.size == 1:
+            if _const_array(b, max_elements=1) is not None:
                 v = a
-            elif const_a is not None and const_a.size == 1:
+            elif _const_array(a, max_elements=1) is not None:
                 v = b
             else:
                 break
@@ -302,13 +308,14 @@ def _shape_dims(node: ir.Node, x: ir.Value) -> list[int] | None:
 
 def _removed_inputs(attention_mask: ir.Value | None, layers: list[_Layer], dynamic: bool):
     """Inputs the rewrite removes, each with the dims of its shape the new graph can still
-    provide: attention_mask is [batch, seq] like input_ids (its dim 1 is past+seq in a
-    dynamic-cache export); a dynamic-cache past keeps batch, heads and head_dim."""
+    provide and its layer (None for attention_mask): attention_mask is [batch, seq] like
+    input_ids (its dim 1 is past+seq in a dynamic-cache export); a dynamic-cache past keeps
+    batch, heads and head_dim."""
     if attention_mask is not None:
-        yield attention_mask, ({0} if dynamic else {0, 1})
+        yield attention_mask, ({0} if dynamic else {0, 1}), None
     for layer in layers:
         for past in layer.past_inputs:
-            yield past, {0, 1, 3}
+            yield past, {0, 1, 3}, layer
 
 
 def _make_plan(model: ir.Model, options: KVOptions) -> _Plan:
@@ -397,13 +404,15 @@ def _make_plan(model: ir.Model, options: KVOptions) -> _Plan:
     roots = [o for o in graph.outputs if id(o) not in present_ids]
     live = _live_nodes(graph, roots, substitutes)
     dynamic = any(layer.past_inputs for layer in layers)
-    for x, allowed in _removed_inputs(attention_mask, layers, dynamic):
+    shape_reads = []
+    for x, allowed, owner in _removed_inputs(attention_mask, layers, dynamic):
         for use in x.uses():
             if id(use.node) not in live:
                 continue
             dims = _shape_dims(use.node, x)
             if dims is not None and set(dims) <= allowed:
-                continue  # only its shape is read, and that shape survives the rewrite
+                shape_reads.append((use.node, dims, owner))  # its shape survives the rewrite
+                continue
             where = _layer_of(use.node)
             at = f" in layer {where}" if where is not None else ""
             what = f"dims {dims} of its shape" if dims is not None else "its values"
@@ -413,7 +422,8 @@ def _make_plan(model: ir.Model, options: KVOptions) -> _Plan:
             )
     lm_head, path = _lm_head(logits) if options.logits == "last" else (None, [])
     compute = layers[0].site.query.dtype or ir.DataType.FLOAT
-    return _Plan(input_ids, position_ids, attention_mask, layers, logits, lm_head, path, ctx_len, compute)
+    return _Plan(input_ids, position_ids, attention_mask, layers, logits, lm_head, path, ctx_len, compute,
+                 shape_reads)
 
 
 # --- rewriting ----------------------------------------------------------------------------
@@ -477,8 +487,22 @@ def _apply(model: ir.Model, plan: _Plan, options: KVOptions) -> None:
         old = s.output_matmul.outputs[0] if s.output_matmul is not None else s.attention_node.outputs[0]
         replacements.append((old, out))
 
+    # Shape reads of removed inputs now read input_ids (batch, seq) or constants (heads, dim).
+    for node, dims, layer in plan.shape_reads:
+        pieces = [
+            b.batch if dim == 0 else b.seq if layer is None
+            else b.i64(layer.site.n_kv_heads if dim == 1 else layer.site.head_dim)
+            for dim in dims
+        ]
+        if len(pieces) == 1:
+            vector = pieces[0]
+        else:  # several dims, or none (an empty Shape slice)
+            vector = b.op("Concat", pieces, {"axis": 0}) if pieces else b.i64()
+        replacements.append((node.outputs[0], vector))
+
     # Logits of the last valid token only.
     logits = plan.logits
+    vocab = logits.shape[-1] if logits.shape is not None and isinstance(logits.shape[-1], int) else "vocab"
     if options.logits == "last":
         if plan.lm_head is not None:
             hidden = plan.lm_head.inputs[0]
@@ -493,11 +517,7 @@ def _apply(model: ir.Model, plan: _Plan, options: KVOptions) -> None:
             gathered.dtype = logits.dtype
             logits = gathered
             logits.name = "logits"
-        vocab = logits.shape[-1] if logits.shape is not None else "vocab"
-        logits.shape = _sym_shape(batch_dim, 1, vocab if isinstance(vocab, int) else "vocab")
-    else:
-        vocab = logits.shape[-1] if logits.shape is not None else "vocab"
-        logits.shape = _sym_shape(batch_dim, "seq_len", vocab if isinstance(vocab, int) else "vocab")
+    logits.shape = _sym_shape(batch_dim, 1 if options.logits == "last" else "seq_len", vocab)
 
     graph.extend(b.tape.nodes)
     for old, new in replacements:
@@ -514,24 +534,5 @@ def _apply(model: ir.Model, plan: _Plan, options: KVOptions) -> None:
     graph.inputs.extend([input_ids, position_ids, *pasts, *kept_inputs])
     if batch_index is not None:
         graph.inputs.append(batch_index)
-    RemoveUnusedNodesPass()(model)
-    # Only Shape uses of the removed inputs are left (checked by the plan): rebuild them.
-    dynamic = bool(dropped)
-    tape = ir.tape.Tape()
-    for x, _ in _removed_inputs(mask, plan.layers, dynamic):
-        layer = next((la for la in plan.layers if x in la.past_inputs), None)
-        for use in list(x.uses()):
-            pieces = []
-            for dim in _shape_dims(use.node, x):
-                if dim in (0, 1) and layer is None:
-                    pieces.append(tape.op("Shape", [input_ids], {"start": dim, "end": dim + 1}))
-                elif dim == 0:
-                    pieces.append(tape.op("Shape", [input_ids], {"start": 0, "end": 1}))
-                else:
-                    n = layer.site.n_kv_heads if dim == 1 else layer.site.head_dim
-                    pieces.append(b.i64(n))
-            vector = pieces[0] if len(pieces) == 1 else tape.op("Concat", pieces, {"axis": 0})
-            ir.convenience.replace_all_uses_with(use.node.outputs[0], vector)
-    graph.extend(tape.nodes)
-    RemoveUnusedNodesPass()(model)
+    RemoveUnusedNodesPass()(model)  # the old cores, masks, dynamic-cache concats, Shape reads
     TopologicalSortPass()(model)

@@ -333,10 +333,12 @@ def test_sliding_window_matches_hf_mistral(tmp_path):
         assert np.abs(windowless.logits[r][-1] - got.logits[r][-1]).max() > 1e-3
 
 
-def test_three_d_attention_node_with_gqa(tmp_path):
+@pytest.mark.parametrize("after_head", [None, "Relu"])
+def test_three_d_attention_node_with_gqa(tmp_path, after_head):
     """A hand-built decoder around a 3-D ONNX Attention node (q_num_heads=2, kv_num_heads=1,
     is_causal=1, no mask and no position_ids input): the KV model must generate what
-    onnxruntime's own Attention computes over the whole sequence."""
+    onnxruntime's own Attention computes over the whole sequence. With an op after the lm_head
+    that is not known to act per token, the last token is gathered from the logits instead."""
     from onnx import TensorProto, helper, numpy_helper
 
     from qeff.passes.kv_runner import verify_kv_model
@@ -352,8 +354,10 @@ def test_three_d_attention_node_with_gqa(tmp_path):
         helper.make_node("MatMul", ["h", "wk"], ["k"]),
         helper.make_node("MatMul", ["h", "wv"], ["v"]),
         helper.make_node("Attention", ["q", "k", "v"], ["a"], q_num_heads=heads, kv_num_heads=kv_heads, is_causal=1),
-        helper.make_node("MatMul", ["a", "wo"], ["logits"]),
+        helper.make_node("MatMul", ["a", "wo"], ["logits" if after_head is None else "scores"]),
     ]
+    if after_head is not None:
+        nodes.append(helper.make_node(after_head, ["scores"], ["logits"]))
     graph = helper.make_graph(
         nodes, "attention3d", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])], inits)
@@ -363,6 +367,15 @@ def test_three_d_attention_node_with_gqa(tmp_path):
     onnx.save(proto, source)
     kv_path = tmp_path / "attention3d.kv.onnx"
     optimize(source, "kv:ctx_len=24", output=kv_path)
-    assert [v.name for v in ir.load(kv_path).graph.inputs][:3] == ["input_ids", "position_ids", "past_key.0"]
+    kv_model = ir.load(kv_path)
+    assert [v.name for v in kv_model.graph.inputs][:3] == ["input_ids", "position_ids", "past_key.0"]
+    logits = kv_model.graph.outputs[0]
+    assert logits.name == "logits" and [d if isinstance(d, int) else d.value for d in logits.shape] == [
+        "batch_size", 1, vocab]
+    producer = logits.producer()
+    if after_head is None:  # gathered before the lm_head, which then runs on one token
+        assert producer.op_type == "MatMul" and producer.inputs[0].producer().op_type == "GatherND"
+    else:
+        assert producer.op_type == "GatherND" and producer.inputs[0].producer().op_type == after_head
     result = verify_kv_model(source, kv_path, ctx_len=24)
     assert result["token_agreement"] == "32/32" and result["max_abs"] < 1e-5
