@@ -10,36 +10,28 @@ reference never sees a cache, a pad or a chunk boundary.
 
 from __future__ import annotations
 
-__all__ = ["KVRunner", "Generation", "greedy_reference", "verify_kv_model"]
+__all__ = ["KVRunner", "Generation", "greedy_reference", "logits_differences", "verify_kv_model"]
 
 import dataclasses
 import math
 import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qeff.errors import QeffError, UnsupportedGraphError, VerificationError
+from qeff.errors import QeffError, UnsupportedGraphError
 
 _PAST = re.compile(r"^past_(key|value)\.(\d+)$")
 
 
 def _session(model: str | os.PathLike | bytes):
-    import onnxruntime as ort
+    from qeff.passes.verify import onnxruntime_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    source = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's errors share no base class beyond Exception
-        name = "the model" if isinstance(model, bytes) else Path(model).name
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise VerificationError(f"onnxruntime cannot load {name}: {reason}",
-                                "check that the model is valid and its IR version is supported") from e
+    return onnxruntime_session(model, hint="check that the model is valid and its IR version is supported")
 
 
 @dataclasses.dataclass
@@ -50,6 +42,10 @@ class Generation:
     logits: list[list[np.ndarray]]
     cache_after_prefill: dict[str, np.ndarray]
     cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # after the last step
+    # Time spent in onnxruntime calls: the prefill chunks, then the decode steps.
+    prefill_calls: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
 
 class KVRunner:
@@ -125,6 +121,7 @@ class KVRunner:
         # Prefill: the logits of each row come from the chunk that holds its last token.
         n_chunks = math.ceil(max(lengths) / chunk)
         first_logits: list[np.ndarray | None] = [None] * b
+        prefill_seconds = decode_seconds = 0.0
         for c in range(n_chunks):
             ids = np.zeros((b, chunk), dtype=np.int64)
             pos = np.full((b, chunk), -1, dtype=np.int64)
@@ -132,7 +129,9 @@ class KVRunner:
                 part = list(p[c * chunk:(c + 1) * chunk])
                 ids[r, :len(part)] = part
                 pos[r, :len(part)] = np.arange(c * chunk, c * chunk + len(part))
+            started = time.perf_counter()
             logits, cache = self.step(ids, pos, cache, batch_index)
+            prefill_seconds += time.perf_counter() - started
             for r, n in enumerate(lengths):
                 if c * chunk < n <= (c + 1) * chunk:
                     at = n - 1 - c * chunk if logits.shape[1] > 1 else 0  # logits=all keeps every token
@@ -148,12 +147,14 @@ class KVRunner:
             for r in range(b):
                 ids[r, 0] = tokens[r][-1]
                 pos[r, 0] = lengths[r] + step - 1
+            started = time.perf_counter()
             logits, cache = self.step(ids, pos, cache, batch_index)
+            decode_seconds += time.perf_counter() - started
             for r in range(b):
                 row = logits[r, 0]
                 all_logits[r].append(row.copy())
                 tokens[r].append(int(np.argmax(row)))
-        return Generation(tokens, all_logits, after_prefill, cache)
+        return Generation(tokens, all_logits, after_prefill, cache, n_chunks, prefill_seconds, decode_seconds)
 
 
 def greedy_reference(model: str | os.PathLike | bytes, prompts: Sequence[Sequence[int]],
@@ -180,6 +181,20 @@ def greedy_reference(model: str | os.PathLike | bytes, prompts: Sequence[Sequenc
         tokens.append(got_tokens)
         logits.append(got_logits)
     return Generation(tokens, logits, {})
+
+
+def logits_differences(got: Generation, ref: Generation) -> list[list[float]]:
+    """Per prompt, the max abs logits difference at each step up to and including the first
+    step whose tokens disagree: after that the two continue from different sequences."""
+    result = []
+    for r in range(len(got.tokens)):
+        diffs = []
+        for s in range(min(len(got.tokens[r]), len(ref.tokens[r]))):
+            diffs.append(float(np.max(np.abs(got.logits[r][s].astype(np.float64) - ref.logits[r][s]))))
+            if got.tokens[r][s] != ref.tokens[r][s]:
+                break
+        result.append(diffs)
+    return result
 
 
 def _vocab_rows(path: str | os.PathLike) -> int:
@@ -209,21 +224,13 @@ def verify_kv_model(reference: str | os.PathLike, candidate: str | os.PathLike, 
     ref = greedy_reference(reference, prompts, steps)
 
     per_step = []
-    agree = total = 0
-    worst = 0.0
-    for r in range(len(prompts)):
-        diverged = False
-        for s in range(steps):
+    agree = 0
+    for r, diffs in enumerate(logits_differences(got, ref)):
+        for s, diff in enumerate(diffs):
             same = got.tokens[r][s] == ref.tokens[r][s]
-            # After a disagreement the two continue from different prefixes; stop comparing.
-            if diverged:
-                break
-            diff = float(np.max(np.abs(got.logits[r][s].astype(np.float64) - ref.logits[r][s])))
             per_step.append({"prompt": r, "step": s, "max_abs": diff, "token_match": same})
-            worst = max(worst, diff)
             agree += same
-            total += 1
-            diverged = not same
+    worst = max((p["max_abs"] for p in per_step), default=0.0)
     expected = len(prompts) * steps
     return {
         "method": "greedy generation: KV model (chunked prefill, decode) vs the original graph recomputing the sequence",

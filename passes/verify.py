@@ -9,7 +9,7 @@ contract; the generic one refuses them with a clear message rather than comparin
 
 from __future__ import annotations
 
-__all__ = ["sample_inputs", "run_onnxruntime", "compare_outputs", "verify_models"]
+__all__ = ["sample_inputs", "onnxruntime_session", "run_onnxruntime", "compare_outputs", "verify_models"]
 
 import logging
 import os
@@ -102,24 +102,31 @@ def sample_inputs(
     return feeds
 
 
-def run_onnxruntime(
-    path: str | os.PathLike, feeds: Mapping[str, np.ndarray], providers: list[str] | None = None
-) -> dict[str, np.ndarray]:
-    """Run a model file on onnxruntime (CPU unless providers say otherwise)."""
+def onnxruntime_session(model: str | os.PathLike | bytes, providers: list[str] | None = None, *,
+                        purpose: str = "", hint: str | None = None):
+    """An onnxruntime session (CPU unless providers say otherwise, warnings silenced); a model
+    onnxruntime cannot load is a :class:`VerificationError` naming the model and the reason."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
     try:
-        session = ort.InferenceSession(
-            str(path), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's errors share no base class beyond Exception
+        name = "the model" if isinstance(model, bytes) else Path(model).name
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise VerificationError(
-            f"onnxruntime cannot load {Path(path).name} for --verify: {reason}",
-            "drop --verify, or make the model loadable by onnxruntime (e.g. an IR version it supports)",
-        ) from e
+        raise VerificationError(f"onnxruntime cannot load {name}{purpose}: {reason}", hint) from e
+
+
+def run_onnxruntime(
+    path: str | os.PathLike, feeds: Mapping[str, np.ndarray], providers: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Run a model file on onnxruntime (CPU unless providers say otherwise)."""
+    session = onnxruntime_session(
+        path, providers, purpose=" for --verify",
+        hint="drop --verify, or make the model loadable by onnxruntime (e.g. an IR version it supports)",
+    )
     wanted = {i.name for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     outputs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})

@@ -17,7 +17,6 @@ from __future__ import annotations
 __all__ = ["run_demo", "DemoGeneration"]
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 
@@ -147,7 +146,7 @@ def run_demo(
 
 def _generate(reference: Path, kv_model: Path, ctx_len: int | None, seed: int) -> DemoGeneration:
     """Greedy generation with the KV model and with the original export, timed per call."""
-    from qeff.passes.kv_runner import KVRunner, greedy_reference
+    from qeff.passes.kv_runner import KVRunner, greedy_reference, logits_differences
 
     runner = KVRunner(kv_model, ctx_len)
     ctx = runner.ctx_len
@@ -163,29 +162,13 @@ def _generate(reference: Path, kv_model: Path, ctx_len: int | None, seed: int) -
     # onnxruntime allocates on the first call of each input shape; one untimed prefill chunk and
     # decode step keep that out of the numbers of a model this small.
     runner.generate(prompts, min(2, new_tokens), chunk=chunk)
-    # Time each onnxruntime call of the generation whose tokens are shown: the first calls are
-    # the prefill chunks, the rest decode steps.
-    seconds: list[float] = []
-    step = runner.step
-
-    def timed_step(*args, **kwargs):
-        t = time.perf_counter()
-        out = step(*args, **kwargs)
-        seconds.append(time.perf_counter() - t)
-        return out
-
-    runner.step = timed_step
     got = runner.generate(prompts, new_tokens, chunk=chunk)
-    n_prefill = math.ceil(max(lengths) / chunk)
-
     ref = greedy_reference(reference, prompts, new_tokens)
+    # Per step, the worst prompt among those still comparable at that step.
+    per_prompt = logits_differences(got, ref)
     per_step = []
     for s in range(new_tokens):
-        diffs = [
-            float(np.max(np.abs(got.logits[r][s].astype(np.float64) - ref.logits[r][s])))
-            for r in range(len(prompts))
-            if got.tokens[r][:s] == ref.tokens[r][:s]
-        ]
+        diffs = [d[s] for d in per_prompt if s < len(d)]
         if not diffs:
             break
         per_step.append(max(diffs))
@@ -196,9 +179,9 @@ def _generate(reference: Path, kv_model: Path, ctx_len: int | None, seed: int) -
         max_abs_per_step=per_step,
         ctx_len=ctx,
         chunk=chunk,
-        prefill_calls=n_prefill,
-        prefill_seconds=sum(seconds[:n_prefill]),
-        decode_seconds=sum(seconds[n_prefill:]),
+        prefill_calls=got.prefill_calls,
+        prefill_seconds=got.prefill_seconds,
+        decode_seconds=got.decode_seconds,
         decode_tokens=len(prompts) * (new_tokens - 1),
     )
 
