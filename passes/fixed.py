@@ -95,7 +95,7 @@ class FixedPass(QeffPass):
         ]
         remaining = sorted({d.value for v in graph.inputs if v.shape is not None
                             for d in v.shape if not isinstance(d, int)} - {None})
-        self.details = {"bound": {k: v for k, v in bindings.items()}, "ops_removed": removed}
+        self.details = {"bound": dict(bindings), "ops_removed": removed}
         if remaining:
             self.details["symbols_left"] = remaining
         if symbolic and not remaining:
