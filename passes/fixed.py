@@ -1,9 +1,12 @@
-"""fixed: bind specialization symbols to sizes and fold the shape arithmetic that follows (DESIGN §3.2).
+"""fixed: fixed shapes for ahead-of-time compilers (DESIGN §3.2).
 
-This is the bound form of the pass: every symbol given as an option becomes that size on the
-graph's inputs and outputs, shapes are re-inferred, and ``fold`` turns the ``Shape``
-arithmetic that now has constant answers into constants. With every symbol bound the graph is
-fully static, which is what an ahead-of-time compiler takes for one specialization.
+Without bindings the pass is symbolic: every dim of every value becomes a number, a declared
+specialization symbol (``batch_size``, ``seq_len``, ``ctx_len``, ``full_batch_size``, plus the
+symbols an encoder user names), or an expression of those (``batch_size*seq_len``); each
+symbol is read from the graph once and all shape arithmetic is rebuilt from that. Symbols given
+a size (``fixed:seq_len=1,batch_size=1``) become that size, and with every symbol bound the
+graph is fully static: no ``Shape`` op, every value with a concrete shape. That is what the
+compiler takes for one specialization.
 """
 
 from __future__ import annotations
@@ -12,15 +15,20 @@ __all__ = ["FixedPass", "FixedOptions"]
 
 import collections
 import dataclasses
+import difflib
 import logging
+import re
 from typing import Any
 
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from qeff.errors import PassOptionError
-from qeff.passes.base import QeffPass
+from qeff.errors import PassOptionError, UnsupportedGraphError
+from qeff.passes.aot_ops import replace_rejected_ops
+from qeff.passes.base import QeffPass, parse_option_value
 from qeff.passes.fold import FoldOptions, FoldPass
+from qeff.passes.shape_sharing import PREFIX, share_shape_arithmetic
+from qeff.passes.symbolic_shapes import SymbolicShapes
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +36,10 @@ logger = logging.getLogger(__name__)
 # weight-sized tensor is ever materialised by folding.
 _FOLD_LIMIT = 1 << 16
 _MAX_ROUNDS = 4
+_DECLARED = ("batch_size", "seq_len", "ctx_len", "full_batch_size")
+# What plain exports call the decoder symbols; renamed to the declared names.
+_ALIASES = {"batch": "batch_size", "seq": "seq_len"}
+_SIZE_OPTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=\d+$")
 
 
 def _size(help_text: str):
@@ -36,98 +48,183 @@ def _size(help_text: str):
 
 @dataclasses.dataclass(frozen=True)
 class FixedOptions:
-    batch_size: int | None = _size("bind the batch_size symbol (also binds a plain export's 'batch')")
-    seq_len: int | None = _size("bind the seq_len symbol (also binds a plain export's 'seq')")
+    batch_size: int | None = _size("bind the batch_size symbol (a plain export's 'batch' too)")
+    seq_len: int | None = _size("bind the seq_len symbol (a plain export's 'seq' too)")
     ctx_len: int | None = _size("bind the ctx_len symbol (cache length)")
     full_batch_size: int | None = _size("bind the full_batch_size symbol (continuous batching)")
-
-
-_ALIASES = {"batch_size": ("batch_size", "batch"), "seq_len": ("seq_len", "seq")}
+    symbols: tuple[str, ...] = dataclasses.field(
+        default=(),
+        metadata={"help": "other symbols to keep, for encoders (e.g. sequence_length); give any "
+                          "symbol a size with name=size, e.g. fixed:sequence_length=128"},
+    )
+    sizes: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"help": "sizes of other symbols as name=size (written as options of their own)"}
+    )
 
 
 class FixedPass(QeffPass):
-    """Bind specialization symbols and fold the shape arithmetic they decide.
+    """Fix every dim to a number or a specialization symbol, and share or fold the shape arithmetic.
 
     Rules:
-    1. Each given option replaces its symbol (and the plain-export alias: ``batch`` for
-       ``batch_size``, ``seq`` for ``seq_len``) by its size on every graph input and output.
-    2. Shapes are inferred afresh (stale intermediate shapes are dropped first), then
-       ``fold`` evaluates what became constant; the two alternate until nothing changes.
-    3. With every symbol of the interface bound, no ``Shape`` op may remain and every value
-       must have a concrete shape; what does not is listed in the report.
-    4. A binding for a symbol the model does not use is an error (a typo would otherwise pass
+    1. Graph input and output dims named ``batch``/``seq`` (plain exports) are renamed
+       ``batch_size``/``seq_len``; each symbol given a size becomes that size. Every remaining
+       input dim must be a number or a declared symbol (the four decoder symbols and those
+       named with ``symbols=``), otherwise the pass refuses and names the dim.
+    2. Ops compilers reject in plain exports are replaced with identical numerics
+       (:mod:`qeff.passes.aot_ops`: ``Trilu``).
+    3. Every value's dims are derived symbolically (:mod:`qeff.passes.symbolic_shapes`);
+       each fully known shape vector leaving the shape arithmetic is rebuilt from one shared
+       ``Shape`` slice per symbol (or is a constant), and ``fold`` evaluates what became
+       constant; the two alternate until nothing changes.
+    4. The derived dims are written to every value (the model's ``value_info``). Values whose
+       dims are not numbers or expressions of declared symbols (data-dependent ops such as
+       ``NonZero``) are listed in the report; with every symbol bound, so are leftover
+       ``Shape`` ops and values without a concrete shape.
+    5. A size for a symbol the model does not have is an error (a typo would otherwise pass
        silently), as is a size below 1.
     """
 
     name = "fixed"
-    summary = "bind specialization symbols (batch_size, seq_len, ctx_len, …) and fold the shape arithmetic"
+    summary = "fix every dim to a number or a specialization symbol; share or fold the shape arithmetic"
     Options = FixedOptions
+
+    @classmethod
+    def from_text(cls, text_options: dict[str, str]) -> QeffPass:
+        """Options named after no field are sizes of other symbols (``sequence_length=128``)."""
+        fields = {f.name for f in dataclasses.fields(cls.Options)}
+        known = {k: v for k, v in text_options.items() if k in fields}
+        sizes = [f"{k}={v}" for k, v in text_options.items() if k not in fields]
+        for item in sizes:
+            if not _SIZE_OPTION.match(item):
+                return super().from_text(text_options)  # reports the unknown option
+        if sizes:
+            known["sizes"] = "|".join([*(parse_option_value(known.pop("sizes", ""), tuple[str, ...])), *sizes])
+        return super().from_text(known)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        bindings = self._bindings(graph)
-        if not bindings:
-            raise PassOptionError(
-                "fixed needs at least one symbol to bind",
-                "e.g. fixed:batch_size=1,seq_len=1,ctx_len=128 (symbolic-only mode is not available yet)",
-            )
-        before = collections.Counter(n.op_type for n in graph)
+        graph.sort()
+        bindings, symbols = self._resolve_symbols(graph)
         for value in (*graph.inputs, *graph.outputs):
             if value.shape is not None:
                 value.shape = ir.Shape([_bind(d, bindings) for d in value.shape])
-        boundary = {id(v) for v in (*graph.inputs, *graph.outputs)}
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            for out in node.outputs:
-                if id(out) not in boundary:
-                    out.shape = None  # inferred afresh from the bound inputs
+        self._check_interface(graph, symbols)
+        _forget_inner_shapes(graph)
+        ShapeInferencePass(strict_mode=False)(model)  # element types of every value
+        replaced = replace_rejected_ops(graph)
+        if replaced:
+            ShapeInferencePass(strict_mode=False)(model)  # and of the replacements
+        shared = 0
         for _ in range(_MAX_ROUNDS):
-            ShapeInferencePass(strict_mode=False)(model)
+            shapes = SymbolicShapes(model, symbols).run()
+            shapes.apply()
+            rebuilt = share_shape_arithmetic(model, shapes)
+            if rebuilt:
+                RemoveUnusedNodesPass()(model)
             folded = FoldPass(FoldOptions(max_elements=_FOLD_LIMIT, infer_shapes=False))(model).modified
-            if not folded:
+            shared += rebuilt
+            if not rebuilt and not folded:
                 break
-        ShapeInferencePass(strict_mode=False)(model)
-
-        after = collections.Counter(n.op_type for n in graph)
-        removed = {op: before[op] - after[op] for op in before if before[op] > after[op]}
-        symbolic = [
-            out.name for node in graph for out in node.outputs
-            if out.shape is None or any(not isinstance(d, int) for d in out.shape)
-        ]
-        remaining = sorted({d.value for v in graph.inputs if v.shape is not None
-                            for d in v.shape if not isinstance(d, int)} - {None})
-        self.details = {"bound": dict(bindings), "ops_removed": removed}
-        if remaining:
-            self.details["symbols_left"] = remaining
-        if symbolic and not remaining:
-            self.details["values_not_static"] = symbolic[:20]
-            logger.warning("fixed: %d values still lack a static shape, e.g. %s", len(symbolic), symbolic[:3])
+        shapes = SymbolicShapes(model, symbols).run()
+        shapes.apply()
+        self._report(model, shapes, bindings, replaced, shared)
         return ir.passes.PassResult(model, True)
 
-    def _bindings(self, graph: ir.Graph) -> dict[str, int]:
+    # -- symbols -------------------------------------------------------------------------------
+    def _resolve_symbols(self, graph: ir.Graph) -> tuple[dict[str, int], list[str]]:
+        """The sizes to bind (by the model's own dim names) and the symbols that stay."""
         used = {d.value for v in (*graph.inputs, *graph.outputs) if v.shape is not None
-                for d in v.shape if not isinstance(d, int)}
-        bindings: dict[str, int] = {}
+                for d in v.shape if not isinstance(d, int) and d.value}
+        sizes: dict[str, int] = {}
         for field in dataclasses.fields(self.options):
             size = getattr(self.options, field.name)
-            if size is None:
-                continue
+            if field.name in _DECLARED and size is not None:
+                sizes[field.name] = size
+        for item in self.options.sizes:
+            name, _, text = item.partition("=")
+            if not text.strip().lstrip("-").isdigit():
+                raise PassOptionError(f"fixed: size {item!r} is not name=number", "e.g. fixed:sequence_length=128")
+            sizes[name.strip()] = int(text)
+        bindings: dict[str, int] = {}
+        for name, size in sizes.items():
             if size < 1:
-                raise PassOptionError(f"fixed: {field.name}={size} must be at least 1")
-            names = [n for n in _ALIASES.get(field.name, (field.name,)) if n in used]
+                raise PassOptionError(f"fixed: {name}={size} must be at least 1")
+            names = [n for n in used if n == name or _ALIASES.get(n) == name]
             if not names:
+                close = difflib.get_close_matches(name, sorted(used), n=1)
                 raise PassOptionError(
-                    f"fixed: the model has no {field.name!r} dimension to bind",
-                    f"its symbolic dims are: {', '.join(sorted(x for x in used if x)) or 'none'}",
+                    f"fixed: the model has no {name!r} dimension to bind",
+                    (f"did you mean {close[0]!r}? " if close else "")
+                    + f"its symbolic dims are: {', '.join(sorted(used)) or 'none'}",
                 )
             for n in names:
                 bindings[n] = size
-        return bindings
+        symbols = [*_DECLARED, *(s for s in self.options.symbols if s not in _DECLARED)]
+        return bindings, symbols
+
+    @staticmethod
+    def _check_interface(graph: ir.Graph, symbols: list[str]) -> None:
+        for value in (*graph.inputs, *graph.outputs):
+            if value.shape is None:
+                continue
+            dims = [_ALIASES.get(d.value, d.value) if not isinstance(d, int) else d for d in value.shape]
+            if value in graph.inputs:
+                for axis, dim in enumerate(dims):
+                    if not isinstance(dim, int) and dim not in symbols:
+                        raise UnsupportedGraphError(
+                            f"fixed: input {value.name!r} dim {axis} is {dim or 'unnamed'!r}, not a specialization symbol",
+                            f"name it with fixed:symbols={dim or 'NAME'} (encoders), give it a size "
+                            f"(fixed:{dim or 'NAME'}=N), or export with batch_size/seq_len/ctx_len dims",
+                        )
+            value.shape = ir.Shape([d if isinstance(d, int) or d in symbols else None for d in dims])
+
+    # -- report --------------------------------------------------------------------------------
+    def _report(self, model: ir.Model, shapes: SymbolicShapes, bindings: dict[str, int],
+                replaced: collections.Counter, shared: int) -> None:
+        graph = model.graph
+        interface_symbols = sorted({str(d) for v in graph.inputs for d in (shapes.shape(v) or ())
+                                    if d is not None and not d.is_Integer})
+        unresolved = [out.name for node in graph for out in node.outputs if not _fixed(shapes, out)]
+        # Ops removed per type are in the report's "ops changed" column; the details add what
+        # that column cannot show.
+        self.details = {"bound": dict(bindings), "symbols": interface_symbols}
+        if replaced:
+            self.details["ops_replaced"] = dict(replaced)
+        if shared:
+            self.details["shape_vectors_shared"] = shared
+            self.details["shared_sizes"] = sorted(
+                n.name.removeprefix(PREFIX) for n in graph if n.name and n.name.startswith(PREFIX) and n.op_type == "Shape")
+        if unresolved:
+            self.details["dims_unresolved"] = unresolved[:20]
+            logger.warning("fixed: %d values have dims that are not fixed, e.g. %s", len(unresolved), unresolved[:3])
+        if not interface_symbols:
+            not_static = [out.name for node in graph for out in node.outputs
+                          if out.shape is None or any(not isinstance(d, int) for d in out.shape)]
+            shape_ops = [n.name for n in graph if n.op_type == "Shape"]
+            if not_static:
+                self.details["values_not_static"] = not_static[:20]
+            if shape_ops:
+                self.details["shape_ops_left"] = shape_ops[:20]
 
     def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
-        manifest["fixed"] = dict(self.details.get("bound", {}))
+        manifest["fixed"] = {"bound": dict(self.details.get("bound", {})), "symbols": self.details.get("symbols", [])}
 
 
 def _bind(dim, bindings: dict[str, int]):
     if isinstance(dim, int) or dim.value not in bindings:
         return dim
     return bindings[dim.value]
+
+
+def _fixed(shapes: SymbolicShapes, value: ir.Value) -> bool:
+    dims = shapes.shape(value)
+    return dims is not None and all(shapes.is_declared(d) for d in dims)
+
+
+def _forget_inner_shapes(graph: ir.Graph) -> None:
+    """Intermediate shapes from earlier passes may be stale guesses; they are derived afresh."""
+    boundary = {id(v) for v in (*graph.inputs, *graph.outputs)}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for out in node.outputs:
+            if id(out) not in boundary:
+                out.shape = None

@@ -40,3 +40,37 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
         return cache[key]
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT exported the classic way: TorchScript, opset 17, inputs
+    ``input_ids``/``attention_mask``/``token_type_ids`` with dims ``batch_size``/``sequence_length``."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qeff.frontend.randomize import randomize_parameters
+
+    config = transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=128)
+    with torch.random.fork_rng(devices=[]):
+        bert = transformers.BertModel(config).eval()
+    randomize_parameters(bert, 0)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # noqa: ANN001, ANN201
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return out.last_hidden_state, out.pooler_output
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
+    axes |= {"last_hidden_state": {0: "batch_size", 1: "sequence_length"}, "pooler_output": {0: "batch_size"}}
+    path = tmp_path_factory.mktemp("tiny-bert") / "bert.onnx"
+    example = (torch.ones(2, 8, dtype=torch.long),) * 2 + (torch.zeros(2, 8, dtype=torch.long),)
+    torch.onnx.export(Encoder().eval(), example, str(path), input_names=names,
+                      output_names=["last_hidden_state", "pooler_output"], dynamic_axes=axes, opset_version=17,
+                      dynamo=False)
+    return path
