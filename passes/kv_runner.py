@@ -73,8 +73,9 @@ class KVRunner:
         if static_ctx is not None and static_ctx != ctx_len:
             raise QeffError(f"ctx_len {ctx_len} does not match the model's fixed cache length {static_ctx}")
         self.ctx_len = ctx_len
-        seq = inputs["input_ids"].shape[1]
+        batch, seq = inputs["input_ids"].shape
         self.static_seq = seq if isinstance(seq, int) else None
+        self.static_batch = batch if isinstance(batch, int) else None
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def new_cache(self, rows: int) -> dict[str, np.ndarray]:
@@ -212,6 +213,8 @@ def verify_kv_model(reference: str | os.PathLike, candidate: str | os.PathLike, 
                     seed: int = 0) -> dict[str, Any]:
     """Greedy generation with the KV model against the original graph recomputing everything."""
     runner = KVRunner(candidate, ctx_len)
+    if runner.static_batch is not None:  # a model bound by fixed:batch_size=N takes N prompts
+        prompt_lengths = [prompt_lengths[i % len(prompt_lengths)] for i in range(runner.static_batch)]
     room = runner.ctx_len - max(prompt_lengths) + 1
     if room < 2:
         prompt_lengths = [max(1, runner.ctx_len // 2), max(1, runner.ctx_len // 3)]

@@ -42,6 +42,20 @@ def _dim_value(dim: Any, dims: Mapping[str, int]) -> int:
     return DEFAULT_LENGTH
 
 
+def _fixed_by(reference: ir.Model, candidate: ir.Model) -> dict[str, int]:
+    """Symbolic dims of the reference that the candidate has as numbers, by input position."""
+    sizes: dict[str, int] = {}
+    fixed = {v.name: v.shape for v in candidate.graph.inputs if v.shape is not None}
+    for value in reference.graph.inputs:
+        shape = fixed.get(value.name)
+        if value.shape is None or shape is None or len(shape) != len(value.shape):
+            continue
+        for ref_dim, cand_dim in zip(value.shape, shape):
+            if not isinstance(ref_dim, int) and ref_dim.value and isinstance(cand_dim, int):
+                sizes[ref_dim.value] = cand_dim
+    return sizes
+
+
 def _vocab_size(graph: ir.Graph, value: ir.Value) -> int | None:
     """The row count of the embedding table this ids input indexes, if it feeds a Gather."""
     for node, index in value.uses():
@@ -179,7 +193,8 @@ def verify_models(
             "verify with the verifier of the pass that changed the interface",
         )
     if feeds is None:
-        feeds = sample_inputs(ref_model, seed=seed, dims=dims)
+        # Sizes the rewritten model fixed (fixed:seq_len=1) decide the reference's symbols too.
+        feeds = sample_inputs(ref_model, seed=seed, dims={**_fixed_by(ref_model, cand_model), **(dims or {})})
     del ref_model, cand_model  # release the memory maps before onnxruntime opens the files
     ref_out = run_onnxruntime(reference, feeds)
     cand_out = run_onnxruntime(candidate, feeds)

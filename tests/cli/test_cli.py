@@ -96,6 +96,18 @@ def _verify_unloadable(tmp_path):
     return save(proto, tmp_path / "m.onnx"), ["--passes", "cleanup", "--verify"]
 
 
+_ENCODER = """<ir_version: 10, opset_import: ["" : 18]>
+    g (float[batch_size, sequence_length] x) => (float[batch_size, sequence_length] y) { y = Relu(x) }"""
+
+
+def _fixed_undeclared_symbol(tmp_path):
+    return save(parse(_ENCODER), tmp_path / "m.onnx"), ["--passes", "fixed"]
+
+
+def _fixed_misspelt_size(tmp_path):
+    return save(parse(_ENCODER), tmp_path / "m.onnx"), ["--passes", "fixed:sequense_length=8"]
+
+
 def _missing_file(tmp_path):
     return tmp_path / "nothing.onnx", ["--passes", "cleanup"]
 
@@ -112,6 +124,8 @@ BAD_INPUTS = {
     "output is input": (_output_is_input, "would overwrite the input"),
     "ctx-len unused": (_ctx_len_unused, "no pass in the list takes it"),
     "missing file": (_missing_file, "no such file"),
+    "fixed: undeclared symbol": (_fixed_undeclared_symbol, "not a specialization symbol .* fixed:symbols=sequence_length"),
+    "fixed: misspelt size": (_fixed_misspelt_size, "no 'sequense_length' dimension .* did you mean 'sequence_length'"),
     "verify cannot load": (_verify_unloadable, "onnxruntime cannot load"),
 }
 
@@ -316,3 +330,18 @@ def test_kv_verify_failure_writes_nothing(tiny_export, tmp_path, monkeypatch, ca
     assert code == 2
     assert "--verify failed: greedy tokens agree" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / "llama.kv.qeff.json").exists()
+
+
+def test_fixed_bound_decode_verifies_by_generation(tiny_export, tmp_path, monkeypatch, capsys):
+    """kv then fixed bound to one decode specialization: --verify generates with the static
+    model (batch 1, one token per call, prefill included) against the original graph."""
+    out = tmp_path / "llama.decode.onnx"
+    code, stdout, err = invoke(
+        cli.opt_main,
+        [tiny_export("llama"), "--passes", "kv:ctx_len=40,fixed:batch_size=1,seq_len=1,ctx_len=40", "--verify", "-o", out],
+        monkeypatch, capsys,
+    )
+    assert code == 0, err
+    assert "greedy tokens agree 16/16" in " ".join(stdout.split())
+    manifest = json.loads((tmp_path / "llama.decode.qeff.json").read_text())
+    assert manifest["fixed"]["bound"] == {"batch_size": 1, "seq_len": 1, "ctx_len": 40}
