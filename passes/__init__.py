@@ -8,6 +8,7 @@ from __future__ import annotations
 from qeff.passes.base import PASS_REGISTRY, NoOptions, QeffPass, describe_options, get_pass
 from qeff.passes.cleanup import CleanupPass
 from qeff.passes.fixed import FixedPass
+from qeff.passes.fp16clip import FP16ClipPass
 from qeff.passes.fold import FoldPass
 from qeff.passes.kv import KVPass
 from qeff.passes.manager import PipelineResult, default_output_path, optimize, run_passes
@@ -22,6 +23,7 @@ __all__ = [
     "describe_options",
     "CleanupPass",
     "FixedPass",
+    "FP16ClipPass",
     "FoldPass",
     "KVPass",
     "PipelineResult",

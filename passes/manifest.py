@@ -90,6 +90,14 @@ def finish_manifest(manifest: dict[str, Any], model: ir.Model) -> dict[str, Any]
 def write_manifest(model_path: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     path = manifest_path(model_path)
     manifest = dict(manifest, model=Path(model_path).name)
+    # Files a pass hands to the backend (e.g. fp16clip's -node-precision-info YAML) are written
+    # next to the model; the manifest records their names.
+    for key, (suffix, text) in manifest.pop("side_files", {}).items():
+        side = Path(model_path).with_name(Path(model_path).stem + suffix)
+        side_tmp = side.with_name(side.name + ".tmp")
+        side_tmp.write_text(text)
+        os.replace(side_tmp, side)
+        manifest[key] = side.name
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     os.replace(tmp, path)
