@@ -21,6 +21,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qeff.passes.graph_edit import add_initializer
+
 logger = logging.getLogger(__name__)
 
 
@@ -45,15 +47,12 @@ def _rewrite_trilu(graph: ir.Graph, node: ir.Node, base: str) -> None:
         return n.outputs[0]
 
     def const(label: str, array: np.ndarray) -> ir.Value:
-        name = f"{base}/{label}"
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.tensor(array, name=name))
-        graph.register_initializer(value)
-        return value
+        return add_initializer(graph, f"{base}/{label}", array)
 
     zero, one = const("zero", np.array(0, np.int64)), const("one", np.array(1, np.int64))
-    rows = add("Squeeze", [add("Shape", [x], "rows_1d", start=-2, end=-1), const("axis0", np.array([0], np.int64))], "rows")
-    cols = add("Squeeze", [add("Shape", [x], "cols_1d", start=-1), const("axis0_", np.array([0], np.int64))], "cols")
+    axis0 = const("axis0", np.array([0], np.int64))
+    rows = add("Squeeze", [add("Shape", [x], "rows_1d", start=-2, end=-1), axis0], "rows")
+    cols = add("Squeeze", [add("Shape", [x], "cols_1d", start=-1), axis0], "cols")
     row = add("Unsqueeze", [add("Range", [zero, rows, one], "row_range"), const("axis1", np.array([1], np.int64))], "row")
     col = add("Range", [zero, cols, one], "col")
     offset = add("Sub", [col, row], "offset")

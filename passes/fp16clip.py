@@ -13,11 +13,13 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from qeff.errors import PassOptionError
 from qeff.passes.base import QeffPass
+from qeff.passes.fp16sim import float32_names
+from qeff.passes.graph_edit import add_initializer
+from qeff.passes.verify import onnxruntime_session
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +135,6 @@ def _mask_where(value: ir.Value) -> ir.Node | None:
     return None
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def _rewrite_additive_masks(graph: ir.Graph) -> list[str]:
     rewritten = []
     zero_checks: dict[ir.Value, ir.Value] = {}
@@ -153,12 +148,12 @@ def _rewrite_additive_masks(graph: ir.Graph) -> list[str]:
             base = f"{node.name or 'Add'}/fp16_select"
             new = []
             if mask not in zero_checks:
-                zero = _const(graph, f"{base}/zero", np.zeros((), dtype=mask.dtype.numpy()))
+                zero = add_initializer(graph, f"{base}/zero", np.zeros((), dtype=mask.dtype.numpy()))
                 equal = ir.node("Equal", [mask, zero], name=f"{base}/visible")
                 equal.outputs[0].name = equal.name
                 new.append(equal)
                 zero_checks[mask] = equal.outputs[0]
-            fill = _const(graph, f"{base}/fill", np.array(SAFE_FILL, dtype=scores.dtype.numpy()))
+            fill = add_initializer(graph, f"{base}/fill", np.array(SAFE_FILL, dtype=scores.dtype.numpy()))
             select = ir.node("Where", [zero_checks[mask], scores, fill], name=base)
             new.append(select)
             graph.insert_before(node, new)
@@ -184,7 +179,7 @@ def _safe_select_fills(graph: ir.Graph) -> list[str]:
             if fill is not None and fill < SAFE_FILL and value.dtype is not None:
                 array = np.full(value.shape.numpy() if value.shape is not None else (), SAFE_FILL,
                                 dtype=value.dtype.numpy())
-                node.replace_input_with(index, _const(graph, f"{node.name or 'Where'}/fp16_fill", array))
+                node.replace_input_with(index, add_initializer(graph, f"{node.name or 'Where'}/fp16_fill", array))
                 changed.append(node.name)
     return changed
 
@@ -251,14 +246,13 @@ def _calibration_feeds(model: ir.Model, options: FP16ClipOptions) -> list[dict[s
 
 def _calibrate(model: ir.Model, options: FP16ClipOptions) -> dict[str, float]:
     proto = ir.serde.serialize_model(model)
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False).graph
-    floats = {vi.name for vi in (*inferred.value_info, *inferred.output) if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    floats = float32_names(proto)
     known = {o.name for o in proto.graph.output}
     names = [out for node in proto.graph.node for out in node.output if out in floats]
     for name in names:
         if name not in known:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(proto.SerializeToString(), purpose=" for fp16clip calibration")
     maxima: dict[str, float] = collections.defaultdict(float)
     for feeds in _calibration_feeds(model, options):
         for name, array in zip(names, session.run(names, feeds)):
@@ -269,8 +263,8 @@ def _calibrate(model: ir.Model, options: FP16ClipOptions) -> dict[str, float]:
 
 def _clamp(graph: ir.Graph, flagged: dict[str, float]) -> None:
     values = {out.name: out for node in graph for out in node.outputs}
-    low = _const(graph, "fp16clip/low", np.array(-FP16_MAX, dtype=np.float32))
-    high = _const(graph, "fp16clip/high", np.array(FP16_MAX, dtype=np.float32))
+    low = add_initializer(graph, "fp16clip/low", np.array(-FP16_MAX, dtype=np.float32))
+    high = add_initializer(graph, "fp16clip/high", np.array(FP16_MAX, dtype=np.float32))
     for name in flagged:
         value = values.get(name)
         if value is None or value.dtype != ir.DataType.FLOAT:

@@ -14,15 +14,20 @@ Values named in ``keep_fp32`` are not rounded: that is how the compiler's
 
 from __future__ import annotations
 
-__all__ = ["simulate_fp16", "fp16_session", "run_fp16"]
+__all__ = ["simulate_fp16", "fp16_session", "run_fp16", "float32_names"]
 
 import os
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
+
+from qeff.passes.verify import onnxruntime_session
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnxruntime as ort  # imported by onnxruntime_session when a session is made
 
 _FLOAT = onnx.TensorProto.FLOAT
 _FLOAT16 = onnx.TensorProto.FLOAT16
@@ -38,10 +43,7 @@ def simulate_fp16(model: ir.Model | onnx.ModelProto | str | os.PathLike,
     else:
         proto = onnx.load(os.fspath(model))
     graph = proto.graph
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False).graph
-    floats = {vi.name for vi in (*inferred.value_info, *inferred.input, *inferred.output)
-              if vi.type.tensor_type.elem_type == _FLOAT}
-    floats |= {t.name for t in graph.initializer if t.data_type == _FLOAT}
+    floats = float32_names(proto)
     outputs = {o.name for o in graph.output}
     skip = set(keep_fp32) | {""}
     sources = [i.name for i in graph.input] + [t.name for t in graph.initializer]
@@ -77,6 +79,14 @@ def simulate_fp16(model: ir.Model | onnx.ModelProto | str | os.PathLike,
     return proto
 
 
+def float32_names(proto: onnx.ModelProto) -> set[str]:
+    """Names of every float32 value of the main graph (types from onnx shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False).graph
+    names = {vi.name for vi in (*inferred.value_info, *inferred.input, *inferred.output)
+             if vi.type.tensor_type.elem_type == _FLOAT}
+    return names | {t.name for t in proto.graph.initializer if t.data_type == _FLOAT}
+
+
 def _cast_pair(source: str, target: str) -> tuple[onnx.NodeProto, onnx.NodeProto]:
     half = f"{target}__half"
     return (onnx.helper.make_node("Cast", [source], [half], to=_FLOAT16, name=f"{target}__to_fp16"),
@@ -86,10 +96,8 @@ def _cast_pair(source: str, target: str) -> tuple[onnx.NodeProto, onnx.NodeProto
 def fp16_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, keep_fp32: Iterable[str] = ()) -> ort.InferenceSession:
     """An onnxruntime CPU session of the fp16 simulation (graph optimisations off, so no
     optimisation can remove a rounding cast pair)."""
-    proto = simulate_fp16(model, keep_fp32)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnxruntime_session(simulate_fp16(model, keep_fp32).SerializeToString(), optimize=False,
+                               purpose=" in fp16 simulation")
 
 
 def run_fp16(model: ir.Model | onnx.ModelProto | str | os.PathLike, feeds: Mapping[str, np.ndarray],

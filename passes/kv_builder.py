@@ -24,6 +24,8 @@ __all__ = ["KVGraphBuilder"]
 import numpy as np
 import onnx_ir as ir
 
+from qeff.passes.graph_edit import add_initializer
+
 _INT64 = ir.DataType.INT64
 
 
@@ -53,13 +55,7 @@ class KVGraphBuilder:
         arr = np.asarray(array, dtype=dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
-            name = self._name("const")
-            value = ir.Value(
-                name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                const_value=ir.tensor(arr, name=name),
-            )
-            self.graph.register_initializer(value)
-            self._consts[key] = value
+            self._consts[key] = add_initializer(self.graph, self._name("const"), arr)
         return self._consts[key]
 
     def i64(self, *values: int) -> ir.Value:

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import sympy
 
+from qeff.passes.graph_edit import add_initializer
 from qeff.passes.symbolic_shapes import Expr, SymbolicShapes
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class _SharedSizes:
         self.nodes: list[ir.Node] = []
         self.vectors: dict[Expr, ir.Value] = {}
         self.scalars: dict[Expr, ir.Value] = {}
-        self.constants: dict[tuple[int, ...], ir.Value] = {}
+        self.constants: dict[tuple[bool, tuple[int, ...]], ir.Value] = {}
         self.sources: dict[Expr, tuple[ir.Value, int]] = {}
         for value in graph.inputs:
             for axis, dim in enumerate(shapes.shape(value) or ()):
@@ -49,14 +50,11 @@ class _SharedSizes:
         self._existing = {v.name for v in graph.initializers.values()}
 
     def constant(self, elements: tuple[int, ...], scalar: bool = False) -> ir.Value:
-        key = (*elements, -1 if scalar else -2) if scalar else elements
+        key = (scalar, elements)
         if key not in self.constants:
             array = np.array(elements[0] if scalar else elements, dtype=np.int64)
             name = self._unique(f"{PREFIX}const_{'_'.join(str(e) for e in elements) or 'empty'}")
-            value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64),
-                             const_value=ir.tensor(array, name=name))
-            self.graph.register_initializer(value)
-            self.constants[key] = value
+            self.constants[key] = add_initializer(self.graph, name, array)
         return self.constants[key]
 
     def _unique(self, name: str) -> str:
