@@ -59,6 +59,7 @@ class SymbolicShapes:
         self.model = model
         self.graph = model.graph
         self.symbols = {name: sympy.Symbol(name, integer=True, positive=True) for name in symbols}
+        self._symbol_set = frozenset(self.symbols.values())
         self.shapes: dict[ir.Value, Dims] = {}
         self.contents: dict[ir.Value, Content] = {}
         self.merged: dict[Expr, Expr] = {}
@@ -84,17 +85,12 @@ class SymbolicShapes:
                     out.shape = ir.Shape([self.to_dim(d) for d in dims])
 
     def to_dim(self, expr: Expr | None) -> int | ir.SymbolicDim:
-        if expr is None:
-            return ir.SymbolicDim(None)
-        if expr.is_Integer:
-            return int(expr)
-        text = str(expr)
-        self._named[text] = expr
-        return ir.SymbolicDim(text)
+        text = self._dim_text(expr)
+        return text if isinstance(text, int) else ir.SymbolicDim(text)
 
     def is_declared(self, expr: Expr | None) -> bool:
         """True for an integer or an expression of declared symbols only."""
-        return expr is not None and expr.free_symbols <= set(self.symbols.values())
+        return expr is not None and expr.free_symbols <= self._symbol_set
 
     # -- reading values ----------------------------------------------------------------------
     def shape(self, value: ir.Value | None) -> Dims | None:
@@ -115,10 +111,7 @@ class SymbolicShapes:
         const = value.const_value
         if const is None or const.size > MAX_CONTENT or value in self.graph.inputs:
             return None
-        array = const.numpy()
-        if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
-            return None
-        return tuple(sympy.Integer(int(x)) for x in array.reshape(-1))
+        return _array_content(const.numpy())
 
     def ints(self, value: ir.Value | None) -> list[int] | None:
         """A content whose elements are all plain integers, as Python ints."""
@@ -238,6 +231,7 @@ class SymbolicShapes:
         return np.array(elements, dtype=value.dtype.numpy()).reshape([int(d) for d in dims])
 
     def _dim_text(self, expr: Expr | None) -> int | str | None:
+        """A dim as ONNX writes it: a number, or a name remembered as the expression it stands for."""
         if expr is None:
             return None
         if expr.is_Integer:
@@ -337,11 +331,20 @@ def _c_constant(s: SymbolicShapes, node: ir.Node) -> Content | None:
     if "value_ints" in node.attributes:
         return tuple(sympy.Integer(i) for i in node.attributes.get_ints("value_ints"))
     if "value" in node.attributes:
-        tensor = node.attributes["value"].as_tensor()
-        array = tensor.numpy()
-        if array.size <= MAX_CONTENT and (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
-            return tuple(sympy.Integer(int(x)) for x in array.reshape(-1))
+        array = node.attributes["value"].as_tensor().numpy()
+        return _array_content(array) if array.size <= MAX_CONTENT else None
     return None
+
+
+def _is_integral(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_
+
+
+def _array_content(array: np.ndarray) -> Content | None:
+    """The elements of an integer or boolean array; None for any other element type."""
+    if not _is_integral(array):
+        return None
+    return tuple(sympy.Integer(int(x)) for x in array.reshape(-1))
 
 
 def _c_passthrough(s: SymbolicShapes, node: ir.Node) -> Content | None:
@@ -412,7 +415,7 @@ def _c_constant_of_shape(s: SymbolicShapes, node: ir.Node) -> Content | None:
     fill = 0
     if "value" in node.attributes:
         array = node.attributes["value"].as_tensor().numpy()
-        if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        if not _is_integral(array):
             return None
         fill = int(array.reshape(-1)[0])
     return (sympy.Integer(fill),) * math.prod(shape)
