@@ -103,12 +103,11 @@ class FixedPass(QeffPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        graph.sort()
         bindings, symbols = self._resolve_symbols(graph)
-        for value in (*graph.inputs, *graph.outputs):
-            if value.shape is not None:
-                value.shape = ir.Shape([_bind(d, bindings) for d in value.shape])
-        self._check_interface(graph, symbols)
+        interface = self._interface_shapes(graph, bindings, symbols)  # refuses before any change
+        graph.sort()
+        for value, shape in interface.items():
+            value.shape = shape
         _forget_inner_shapes(graph)
         ShapeInferencePass(strict_mode=False)(model)  # element types of every value
         replaced = replace_rejected_ops(graph)
@@ -135,11 +134,7 @@ class FixedPass(QeffPass):
         """The sizes to bind (by the model's own dim names) and the symbols that stay."""
         used = {d.value for v in (*graph.inputs, *graph.outputs) if v.shape is not None
                 for d in v.shape if not isinstance(d, int) and d.value}
-        sizes: dict[str, int] = {}
-        for field in dataclasses.fields(self.options):
-            size = getattr(self.options, field.name)
-            if field.name in _DECLARED and size is not None:
-                sizes[field.name] = size
+        sizes = {name: getattr(self.options, name) for name in _DECLARED if getattr(self.options, name) is not None}
         for item in self.options.sizes:
             name, _, text = item.partition("=")
             if not text.strip().lstrip("-").isdigit():
@@ -163,11 +158,15 @@ class FixedPass(QeffPass):
         return bindings, symbols
 
     @staticmethod
-    def _check_interface(graph: ir.Graph, symbols: list[str]) -> None:
+    def _interface_shapes(graph: ir.Graph, bindings: dict[str, int], symbols: list[str]) -> dict[ir.Value, ir.Shape]:
+        """The bound and renamed shapes of the graph's inputs and outputs, without writing them;
+        an input dim that is neither a number nor a declared symbol is refused."""
+        shapes = {}
         for value in (*graph.inputs, *graph.outputs):
             if value.shape is None:
                 continue
-            dims = [_ALIASES.get(d.value, d.value) if not isinstance(d, int) else d for d in value.shape]
+            dims = [d if isinstance(d, int) else bindings.get(d.value, _ALIASES.get(d.value, d.value))
+                    for d in value.shape]
             if value in graph.inputs:
                 for axis, dim in enumerate(dims):
                     if not isinstance(dim, int) and dim not in symbols:
@@ -176,7 +175,8 @@ class FixedPass(QeffPass):
                             f"name it with fixed:symbols={dim or 'NAME'} (encoders), give it a size "
                             f"(fixed:{dim or 'NAME'}=N), or export with batch_size/seq_len/ctx_len dims",
                         )
-            value.shape = ir.Shape([d if isinstance(d, int) or d in symbols else None for d in dims])
+            shapes[value] = ir.Shape([d if isinstance(d, int) or d in symbols else None for d in dims])
+        return shapes
 
     # -- report --------------------------------------------------------------------------------
     def _report(self, model: ir.Model, shapes: SymbolicShapes, bindings: dict[str, int],
@@ -208,12 +208,6 @@ class FixedPass(QeffPass):
 
     def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
         manifest["fixed"] = {"bound": dict(self.details.get("bound", {})), "symbols": self.details.get("symbols", [])}
-
-
-def _bind(dim, bindings: dict[str, int]):
-    if isinstance(dim, int) or dim.value not in bindings:
-        return dim
-    return bindings[dim.value]
 
 
 def _fixed(shapes: SymbolicShapes, value: ir.Value) -> bool:

@@ -228,6 +228,9 @@ def test_undeclared_input_symbol_is_refused_untouched():
         FixedPass(FixedPass.Options())(model)
     assert "fixed:symbols=sequence_length" in err.value.one_line()
     assert model.graph.inputs[0].shape[1].value == "sequence_length"
+    with pytest.raises(UnsupportedGraphError, match="'sequence_length', not a specialization symbol"):
+        FixedPass(FixedPass.Options(batch_size=2))(model)
+    assert [d.value for d in model.graph.inputs[0].shape] == ["batch_size", "sequence_length"]  # nothing bound
     named = FixedPass.from_text({"symbols": "sequence_length"})
     named(model)
     assert named.details["symbols"] == ["batch_size", "sequence_length"]
