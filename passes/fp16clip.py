@@ -186,40 +186,42 @@ def _safe_select_fills(graph: ir.Graph) -> list[str]:
 
 # -- rule 3: constants -------------------------------------------------------------------------
 
-def _needs_clip(array: np.ndarray) -> bool:
+def _finite_peak(array: np.ndarray) -> float:
+    """The largest finite magnitude, read in chunks so a large weight is not copied whole."""
+    peak = 0.0
     flat = array.reshape(-1)
     for start in range(0, flat.size, _CHUNK):
         chunk = np.abs(flat[start:start + _CHUNK].astype(np.float64))
-        if np.any(np.isfinite(chunk) & (chunk > FP16_MAX)):
-            return True
-    return False
+        chunk = chunk[np.isfinite(chunk)]
+        if chunk.size:
+            peak = max(peak, float(chunk.max()))
+    return peak
 
 
-def _clipped(array: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(array)
-    return np.where(finite, np.clip(array, -FP16_MAX, FP16_MAX), array).astype(array.dtype)
+def _clip(tensor: ir.TensorProtocol) -> tuple[str, ir.Tensor] | None:
+    """(old peak, clipped tensor) when a float tensor has finite values beyond ±65504."""
+    if not tensor.dtype.is_floating_point() or tensor.dtype == ir.DataType.FLOAT16:
+        return None
+    array = tensor.numpy()
+    peak = _finite_peak(array)
+    if peak <= FP16_MAX:
+        return None
+    clipped = np.where(np.isfinite(array), np.clip(array, -FP16_MAX, FP16_MAX), array).astype(array.dtype)
+    return f"{peak:.4g}", ir.tensor(clipped, name=tensor.name)
 
 
 def _clip_constants(graph: ir.Graph) -> dict[str, str]:
     clipped: dict[str, str] = {}
     for value in list(graph.initializers.values()):
-        tensor = value.const_value
-        if tensor is None or not tensor.dtype.is_floating_point() or tensor.dtype == ir.DataType.FLOAT16:
-            continue
-        array = tensor.numpy()
-        if _needs_clip(array):
-            clipped[value.name] = f"{float(np.nanmax(np.abs(array[np.isfinite(array)]))):.4g}"
-            value.const_value = ir.tensor(_clipped(array), name=value.name)
+        result = _clip(value.const_value) if value.const_value is not None else None
+        if result is not None:
+            clipped[value.name], value.const_value = result
     for node in ir.traversal.RecursiveGraphIterator(graph):
-        if node.op_type not in ("Constant", "ConstantOfShape") or "value" not in node.attributes:
-            continue
-        tensor = node.attributes["value"].as_tensor()
-        if not tensor.dtype.is_floating_point():
-            continue
-        array = tensor.numpy()
-        if _needs_clip(array):
-            clipped[node.name] = f"{float(np.max(np.abs(array[np.isfinite(array)]))):.4g}"
-            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(_clipped(array)))
+        if node.op_type in ("Constant", "ConstantOfShape") and "value" in node.attributes:
+            result = _clip(node.attributes["value"].as_tensor())
+            if result is not None:
+                clipped[node.name], tensor = result
+                node.attributes["value"] = ir.AttrTensor("value", tensor)
     return clipped
 
 
