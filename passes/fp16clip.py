@@ -84,14 +84,14 @@ class FP16ClipPass(QeffPass):
                 _clamp(graph, flagged)
             self.details["activations_flagged"] = {k: f"{v:.4g}" for k, v in flagged.items()}
             self.details["action"] = self.options.action
-        self._fp32_nodes = sorted(flagged) if self.options.action == "fp32" else []
         modified = bool(masks or fills or clipped or flagged)
         return ir.passes.PassResult(model, modified)
 
     def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
-        manifest["fp16"] = {"clipped": True, "fp32_nodes": len(getattr(self, "_fp32_nodes", []))}
-        if getattr(self, "_fp32_nodes", []):
-            text = "FP32NodeInstanceNames:\n" + "".join(f"  - {name}\n" for name in self._fp32_nodes)
+        fp32_nodes = sorted(self.details.get("activations_flagged", {})) if self.options.action == "fp32" else []
+        manifest["fp16"] = {"clipped": True, "fp32_nodes": len(fp32_nodes)}
+        if fp32_nodes:
+            text = "FP32NodeInstanceNames:\n" + "".join(f"  - {name}\n" for name in fp32_nodes)
             manifest.setdefault("side_files", {})["node_precision_info"] = (".npi.yaml", text)
 
 
