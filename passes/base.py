@@ -8,7 +8,9 @@ record what it did:
 - ``Options``: a dataclass whose typed fields are the pass's options (``name:key=value``);
 - ``requires``: passes that must have run before (in this pipeline or an earlier one);
 - ``once``: the pass may be applied to a model at most once;
-- ``details``: a dict the pass fills while running; it goes into the report.
+- ``details``: a dict the pass fills while running; it goes into the report;
+- ``progress``: set by the manager when a progress bar may be shown (passes that walk every
+  weight show one through :func:`qeff.passes.progress.bytes_progress`).
 
 Subclassing registers the pass; ``PASS_REGISTRY`` maps names to classes.
 """
@@ -66,6 +68,7 @@ class QeffPass(ir.passes.InPlacePass):
             options = dataclasses.replace(options, **kwargs)
         self.options = options
         self.details: dict[str, Any] = {}
+        self.progress = False
 
     @classmethod
     def from_text(cls, text_options: dict[str, str]) -> QeffPass:
@@ -100,13 +103,19 @@ class QeffPass(ir.passes.InPlacePass):
     def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
         """Record what the backend needs to know about this pass (KV layout, MX format, …)."""
 
-    def verify(self, reference: Any, candidate: Any, tolerance: float) -> dict[str, Any] | None:
+    def verify(self, reference: Any, candidate: Any, tolerance: float, *, fp16: bool = False) -> dict[str, Any] | None:
         """Compare model files for ``--verify`` when this pass changes the model's interface.
 
         Return None (the default) to let the generic same-inputs comparison run; a pass such
         as ``kv`` that changes how the model is driven returns its own summary, which must
-        hold ``passed``, ``max_abs`` and ``tolerance``.
+        hold ``passed``, ``max_abs`` and ``tolerance``. With ``fp16`` the candidate is an fp16
+        simulation and ``tolerance`` is relative to the reference's largest output value.
         """
+        return None
+
+    def fp16_simulation(self) -> tuple[str, ...] | None:
+        """When this pass prepares the model for fp16 compute: the values the card keeps in
+        fp32 (``--verify`` then runs the model in fp16 simulation). None otherwise."""
         return None
 
 

@@ -14,7 +14,7 @@ Values named in ``keep_fp32`` are not rounded: that is how the compiler's
 
 from __future__ import annotations
 
-__all__ = ["simulate_fp16", "fp16_session", "run_fp16", "float32_names"]
+__all__ = ["simulate_fp16", "fp16_session", "run_fp16", "float32_names", "expose_float32_values"]
 
 import os
 from collections.abc import Iterable, Mapping
@@ -85,6 +85,16 @@ def float32_names(proto: onnx.ModelProto) -> set[str]:
     names = {vi.name for vi in (*inferred.value_info, *inferred.input, *inferred.output)
              if vi.type.tensor_type.elem_type == _FLOAT}
     return names | {t.name for t in proto.graph.initializer if t.data_type == _FLOAT}
+
+
+def expose_float32_values(proto: onnx.ModelProto, skip: Iterable[str] = ()) -> list[str]:
+    """Make every float32 node output of ``proto`` a graph output (in place, for inspection);
+    returns their names in graph order."""
+    floats = float32_names(proto) - set(skip)
+    known = {o.name for o in proto.graph.output}
+    names = [out for node in proto.graph.node for out in node.output if out in floats]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    return names
 
 
 def _cast_pair(source: str, target: str) -> tuple[onnx.NodeProto, onnx.NodeProto]:

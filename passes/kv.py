@@ -158,11 +158,11 @@ class KVPass(QeffPass):
             decode["batch_size"] = o.full_batch_size
         manifest["specializations"] = [prefill, decode]
 
-    def verify(self, reference: Any, candidate: Any, tolerance: float) -> dict[str, Any] | None:
+    def verify(self, reference: Any, candidate: Any, tolerance: float, *, fp16: bool = False) -> dict[str, Any] | None:
         from qeff.passes.kv_runner import verify_kv_model
 
         return verify_kv_model(reference, candidate, ctx_len=self.details.get("ctx_len", self.options.ctx_len),
-                               tolerance=tolerance)
+                               tolerance=tolerance, fp16=fp16)
 
 
 # --- planning: every check happens here, before the model is touched ------------------------

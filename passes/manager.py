@@ -74,6 +74,7 @@ def run_passes(
     *,
     manifest: dict[str, Any] | None = None,
     overrides: dict[str, str] | None = None,
+    progress: bool = False,
 ) -> PipelineResult:
     """Run passes in place on ``model`` (validated first), recording what each one changed."""
     pipeline = _resolve_passes(passes, overrides)
@@ -82,6 +83,7 @@ def run_passes(
     manifest = manifest_mod.new_manifest(manifest)
     report = Report()
     for p in pipeline:
+        p.progress = progress
         before = GraphSnapshot.take(model)
         start = time.perf_counter()
         result = _call_pass(p, model)
@@ -122,7 +124,7 @@ def optimize(
     output: str | os.PathLike | None = None,
     *,
     verify: bool = False,
-    tolerance: float = 1e-4,
+    tolerance: float | None = None,
     report_path: str | os.PathLike | None = None,
     overrides: dict[str, str] | None = None,
     external_data: bool | None = None,
@@ -133,7 +135,10 @@ def optimize(
     ``model`` may be a path, ``onnx.ModelProto``, ``ir.Model`` or ``onnx_graphsurgeon.Graph``;
     an ``ir.Model`` given in is cloned, never modified. With ``verify`` the original and the
     rewritten model run in onnxruntime and a difference above ``tolerance`` raises
-    :class:`VerificationError` (the output is then not written).
+    :class:`VerificationError` (the output is then not written). When a pass prepares the model
+    for fp16 compute (``fp16clip``) the rewritten model runs in fp16 simulation and ``tolerance``
+    is relative to the reference's largest output value (default 1e-2); otherwise it is the max
+    abs difference (default 1e-4).
     """
     input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     pipeline = _resolve_passes(passes, overrides)
@@ -147,7 +152,7 @@ def optimize(
         check_output_path(output, inputs=protected)
     previous = manifest_mod.read_manifest(input_path) if input_path else None
 
-    result = run_passes(ir_model, pipeline, manifest=previous)
+    result = run_passes(ir_model, pipeline, manifest=previous, progress=progress)
     result.report.input = str(input_path) if input_path else None
     result.manifest["source"] = (previous or {}).get("source") or result.report.input
 
@@ -165,7 +170,7 @@ def optimize(
             staged = None
         try:
             if verify:
-                result.report.verification = _verify(pipeline, reference, staged.path, tolerance)
+                result.report.verification = _verify(pipeline, reference, staged.path, tolerance, Path(scratch))
             verified = not verify or result.report.verification["passed"]
             if output is not None and verified:
                 result.output = staged.commit()
@@ -178,26 +183,47 @@ def optimize(
                 result.report.write_json(report_path)
     if result.report.verification and not result.report.verification["passed"]:
         v = result.report.verification
+        measure = "max_rel" if "max_rel" in v else "max_abs"
+        by = f"{v[measure]:.3g}" + (" of the largest reference value" if measure == "max_rel" else "")
         if "token_agreement" in v:
-            what = f"greedy tokens agree {v['token_agreement']}, logits differ by up to {v['max_abs']:.3g}"
+            what = f"greedy tokens agree {v['token_agreement']}, logits differ by up to {by}"
         else:
-            worst = max(v["outputs"], key=lambda k: v["outputs"][k]["max_abs"])
-            what = f"output {worst!r} differs by {v['max_abs']:.3g}"
+            worst = max(v["outputs"], key=lambda k: v["outputs"][k][measure] if measure in v["outputs"][k] else 0)
+            what = f"output {worst!r} differs by {by}"
+        if v.get("finite") is False:
+            what = f"the fp16 simulation gives NaN or Inf ({what})"
         raise VerificationError(
-            f"--verify failed: {what} (tolerance {tolerance:g}); nothing was written",
+            f"--verify failed: {what} (tolerance {v['tolerance']:g}); nothing was written",
             "inspect the report (--report) or raise --tolerance if the difference is expected",
         )
     return result
 
 
+FP32_TOLERANCE = 1e-4  # max abs difference
+FP16_TOLERANCE = 1e-2  # relative to the reference's largest value
+
+
 def _verify(
-    pipeline: Sequence[QeffPass], reference: Path, candidate: Path, tolerance: float
+    pipeline: Sequence[QeffPass], reference: Path, candidate: Path, tolerance: float | None, scratch: Path
 ) -> dict[str, Any]:
-    """The last pass that knows how to drive the rewritten model verifies; else the generic check."""
+    """The last pass that knows how to drive the rewritten model verifies; else the generic check.
+    A pipeline that prepares the model for fp16 verifies its fp16 simulation."""
     from qeff.passes.verify import verify_models
 
+    keeps = [k for p in pipeline if (k := p.fp16_simulation()) is not None]
+    fp16 = bool(keeps)
+    if tolerance is None:
+        tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    if fp16:
+        import onnx
+
+        from qeff.passes.fp16sim import simulate_fp16
+
+        simulated = scratch / "candidate.fp16-simulation.onnx"
+        onnx.save(simulate_fp16(candidate, keep_fp32=[n for k in keeps for n in k]), simulated)
+        candidate = simulated
     for p in reversed(pipeline):
-        summary = p.verify(reference, candidate, tolerance)
+        summary = p.verify(reference, candidate, tolerance, fp16=fp16)
         if summary is not None:
             return summary
-    return verify_models(reference, candidate, tolerance=tolerance)
+    return verify_models(reference, candidate, tolerance=tolerance, fp16=fp16)

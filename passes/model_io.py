@@ -36,6 +36,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from qeff.errors import ModelLoadError, OutputPathError
+from qeff.passes.progress import bytes_progress
 
 logger = logging.getLogger(__name__)
 
@@ -272,10 +273,9 @@ def _save_external(model: ir.Model, path: Path, data_name: str, progress: bool) 
     external = [v for v in values if v.const_value.nbytes > INLINE_THRESHOLD_BYTES]
     total = sum(v.const_value.nbytes for v in external)
     originals = {v: v.const_value for v in external}
-    bar = _progress_bar(total) if progress and total else None
     sources: dict[str, int] = {}
     try:
-        with open(path.parent / data_name, "wb") as out:
+        with bytes_progress(total, "writing weights", progress) as advance, open(path.parent / data_name, "wb") as out:
             offset = 0
             for value in external:
                 tensor = value.const_value
@@ -289,16 +289,13 @@ def _save_external(model: ir.Model, path: Path, data_name: str, progress: bool) 
                     shape=tensor.shape, name=value.name, base_dir=path.parent,
                 )
                 offset += length
-                if bar is not None:
-                    bar[0].advance(bar[1], length)
+                advance(length)
         ir.save(model, path)
     finally:
         for value, tensor in originals.items():
             value.const_value = tensor
         for fd in sources.values():
             os.close(fd)
-        if bar is not None:
-            bar[0].stop()
 
 
 def _copy_range(tensor: ir.ExternalTensor, out: Any, sources: dict[str, int]) -> None:
@@ -325,15 +322,3 @@ def _copy_range(tensor: ir.ExternalTensor, out: Any, sources: dict[str, int]) ->
             copied = os.write(dst, chunk)
         position += copied
         remaining -= copied
-
-
-def _progress_bar(total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    bar = Progress(
-        TextColumn("[bold]writing weights"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        transient=True, console=Console(stderr=True),
-    )
-    bar.start()
-    return bar, bar.add_task("save", total=total)

@@ -184,8 +184,13 @@ def verify_models(
     feeds: Mapping[str, np.ndarray] | None = None,
     seed: int = 0,
     dims: Mapping[str, int] | None = None,
+    fp16: bool = False,
 ) -> dict[str, Any]:
-    """Compare two model files on the same inputs; returns a JSON-able summary."""
+    """Compare two model files on the same inputs; returns a JSON-able summary.
+
+    With ``fp16`` the candidate is an fp16 simulation: it passes when its outputs are finite and
+    every output's max difference is within ``tolerance`` × the reference output's largest value.
+    """
     ref_model = ir.load(reference)
     cand_model = ir.load(candidate)
     ref_inputs = {v.name for v in ref_model.graph.inputs}
@@ -209,7 +214,7 @@ def verify_models(
             "keep at least one output name",
         )
     worst = max(v["max_abs"] for v in per_output.values())
-    return {
+    summary = {
         "method": "onnxruntime, same inputs, outputs compared by name",
         "inputs": {k: list(v.shape) for k, v in feeds.items()},
         "outputs": per_output,
@@ -218,3 +223,19 @@ def verify_models(
         "passed": bool(worst <= tolerance),
         "reference": str(Path(reference)),
     }
+    if fp16:
+        floats = [n for n in per_output if np.issubdtype(ref_out[n].dtype, np.floating)]
+        for name in floats:
+            per_output[name]["max_rel"] = relative_difference(per_output[name]["max_abs"], ref_out[name])
+        finite = all(np.isfinite(cand_out[n]).all() for n in floats)
+        worst_rel = max((per_output[n]["max_rel"] for n in floats), default=0.0)
+        summary.update(method="onnxruntime, same inputs; the rewritten model in fp16 simulation",
+                       finite=bool(finite), max_rel=worst_rel, passed=bool(finite and worst_rel <= tolerance))
+    return summary
+
+
+def relative_difference(max_abs: float, reference: np.ndarray) -> float:
+    """``max_abs`` relative to the largest finite magnitude of ``reference``."""
+    values = np.abs(reference[np.isfinite(reference)].astype(np.float64))
+    peak = float(values.max()) if values.size else 0.0
+    return max_abs / peak if peak > 0 else (0.0 if max_abs == 0 else float("inf"))

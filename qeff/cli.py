@@ -91,7 +91,7 @@ def run_opt(
     output: Optional[Path],
     ctx_len: Optional[int],
     verify: bool,
-    tolerance: float,
+    tolerance: Optional[float],
     report: Optional[Path],
     external_data: Optional[bool],
     quiet: bool,
@@ -123,11 +123,16 @@ def run_opt(
     console.print(result.report.rich_table())
     if result.report.verification:
         v = result.report.verification
-        if "token_agreement" in v:  # generation-based (kv): tokens and logits per step
-            what = (f"greedy tokens agree {v['token_agreement']} over {v['steps']} steps, "
-                    f"max abs logits difference {v['max_abs']:.3g}")
+        if "max_rel" in v:
+            size = f"max difference {v['max_rel']:.3g} of the largest reference value"
         else:
-            what = f"max abs difference {v['max_abs']:.3g} over outputs {', '.join(v['outputs'])}"
+            size = f"max abs difference {v['max_abs']:.3g}"
+        if "token_agreement" in v:  # generation-based (kv): tokens and logits per step
+            what = f"greedy tokens agree {v['token_agreement']} over {v['steps']} steps, logits {size}"
+        else:
+            what = f"{size} over outputs {', '.join(v['outputs'])}"
+        if "finite" in v:
+            what = f"fp16 simulation, finite; {what}"
         console.print(f"verify: {what} (tolerance {v['tolerance']:g}) — [green]passed[/]")
     console.print(
         f"wrote {result.output} and {result.manifest_path.name}"
@@ -148,7 +153,10 @@ def qeff_opt(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output model (default: MODEL.<passes>.onnx)"),
     ctx_len: Optional[int] = typer.Option(None, "--ctx-len", help="context length for passes that take ctx_len"),
     verify: bool = typer.Option(False, "--verify", help="compare original and rewritten model in onnxruntime"),
-    tolerance: float = typer.Option(1e-4, "--tolerance", help="max abs difference --verify accepts"),
+    tolerance: Optional[float] = typer.Option(
+        None, "--tolerance",
+        help="what --verify accepts: max abs difference (default 1e-4), or with fp16clip in the "
+             "pipeline the difference relative to the largest reference value (default 1e-2)"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the change report as JSON"),
     external_data: Optional[bool] = typer.Option(
         None, "--external-data/--no-external-data", help="weights in a .data file (default: as the input, or when > 1 GiB)"

@@ -345,3 +345,21 @@ def test_fixed_bound_decode_verifies_by_generation(tiny_export, tmp_path, monkey
     assert "greedy tokens agree 16/16" in " ".join(stdout.split())
     manifest = json.loads((tmp_path / "llama.decode.qeff.json").read_text())
     assert manifest["fixed"]["bound"] == {"batch_size": 1, "seq_len": 1, "ctx_len": 40}
+
+
+def test_kv_fp16clip_verifies_in_fp16_simulation(tiny_export, tmp_path, monkeypatch, capsys):
+    """With fp16clip in the pipeline --verify generates with the fp16 simulation of the KV model:
+    finite, tokens agree, logits within 1e-2 of the largest reference logit."""
+    out = tmp_path / "llama.fp16.onnx"
+    report = tmp_path / "r.json"
+    code, stdout, err = invoke(
+        cli.opt_main,
+        [tiny_export("llama"), "--passes", "kv:ctx_len=40,fp16clip", "--verify", "-o", out, "--report", report],
+        monkeypatch, capsys,
+    )
+    assert code == 0, err
+    text = " ".join(stdout.split())
+    assert "fp16 simulation, finite" in text and "of the largest reference value" in text
+    verification = json.loads(report.read_text())["verification"]
+    assert "fp16 simulation" in verification["method"] and verification["tolerance"] == 1e-2
+    assert 0 < verification["max_rel"] <= 1e-2  # fp16 rounding shows, within the tolerance
