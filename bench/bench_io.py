@@ -382,9 +382,9 @@ with open(result, "w") as f:
 """
 
 
-def run_qeff_opt(model: Path, output: Path) -> tuple[float, int]:
-    """Run qeff-opt cleanup in a child; return (seconds, the child's peak RSS in bytes)."""
-    cmd = qeff_opt_command() + [str(model), "--passes", "cleanup", "-o", str(output), "--quiet"]
+def run_qeff_opt(model: Path, output: Path, passes: str = "cleanup") -> tuple[float, int]:
+    """Run qeff-opt ``passes`` in a child; return (seconds, the child's peak RSS in bytes)."""
+    cmd = qeff_opt_command() + [str(model), "--passes", passes, "-o", str(output), "--quiet"]
     with tempfile.TemporaryDirectory(prefix="qeff-bench-io-run-") as tmp:
         result = Path(tmp) / "result"
         log = Path(tmp) / "log"

@@ -11,6 +11,8 @@ from qeff.passes.fixed import FixedPass
 from qeff.passes.fp16clip import FP16ClipPass
 from qeff.passes.fold import FoldPass
 from qeff.passes.kv import KVPass
+from qeff.passes.mx_weights import MXFP4Pass, MXFP6Pass, MXFP8Pass, MXINT8Pass
+from qeff.passes.mxint8kv import MXINT8KVPass
 from qeff.passes.manager import PipelineResult, default_output_path, optimize, run_passes
 from qeff.passes.model_io import as_ir_model, load_model, save_model
 from qeff.passes.pipeline import parse_pipeline, validate_sequence
@@ -26,6 +28,11 @@ __all__ = [
     "FP16ClipPass",
     "FoldPass",
     "KVPass",
+    "MXFP4Pass",
+    "MXFP6Pass",
+    "MXFP8Pass",
+    "MXINT8Pass",
+    "MXINT8KVPass",
     "PipelineResult",
     "optimize",
     "run_passes",

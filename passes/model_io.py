@@ -272,7 +272,11 @@ def _save_external(model: ir.Model, path: Path, data_name: str, progress: bool) 
     values = [v for g in model.graphs() for v in g.initializers.values() if v.const_value is not None]
     external = [v for v in values if v.const_value.nbytes > INLINE_THRESHOLD_BYTES]
     total = sum(v.const_value.nbytes for v in external)
-    originals = {v: v.const_value for v in external}
+    originals = {v: v.const_value for v in values}
+    for value in values:
+        # A small weight that lives in some data file goes inline, as it would from memory.
+        if value.const_value.nbytes <= INLINE_THRESHOLD_BYTES and isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
     sources: dict[str, int] = {}
     try:
         with bytes_progress(total, "writing weights", progress) as advance, open(path.parent / data_name, "wb") as out:

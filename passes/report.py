@@ -190,6 +190,8 @@ class Report:
 
 
 def _summarize_detail(key: str, value: Any) -> str:
+    if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+        return f"{key}: {len(value)} (table below, all in --report)"  # e.g. per-weight errors
     if isinstance(value, dict):
         inner = ", ".join(f"{k} {v}" for k, v in list(value.items())[:6])
         more = f", +{len(value) - 6} more" if len(value) > 6 else ""

@@ -95,6 +95,7 @@ def run_opt(
     report: Optional[Path],
     external_data: Optional[bool],
     quiet: bool,
+    plot: Optional[Path] = None,
 ) -> None:
     from qeff.passes import default_output_path, optimize
     from qeff.passes.pipeline import build_passes, parse_pipeline
@@ -107,6 +108,8 @@ def run_opt(
     pipeline = build_passes(parse_pipeline(passes), overrides)
     if output is None:
         output = default_output_path(model, pipeline)
+    if plot is not None:
+        _check_plot(plot, pipeline)
     start = time.perf_counter()
     result = optimize(
         model,
@@ -118,9 +121,20 @@ def run_opt(
         external_data=external_data,
         progress=not quiet,
     )
+    weight_errors = {r.name: r.details["weights"] for r in result.report.passes
+                     if isinstance(r.details, dict) and r.details.get("weights")}
+    if plot is not None:
+        from qeff.passes.mx.error_report import plot_weight_errors
+
+        plot_weight_errors(weight_errors, plot)
     if quiet:
         return
     console.print(result.report.rich_table())
+    if weight_errors:
+        from qeff.passes.mx.error_report import weight_error_table
+
+        for name, weights in weight_errors.items():
+            console.print(weight_error_table(name, weights))
     if result.report.verification:
         v = result.report.verification
         if "max_rel" in v:
@@ -133,12 +147,30 @@ def run_opt(
             what = f"{size} over outputs {', '.join(v['outputs'])}"
         if "finite" in v:
             what = f"fp16 simulation, finite; {what}"
-        console.print(f"verify: {what} (tolerance {v['tolerance']:g}) — [green]passed[/]")
+        if v.get("lossy"):
+            console.print(f"verify: {what} — quantized model, reported (only NaN/Inf fail without --tolerance)")
+        else:
+            console.print(f"verify: {what} (tolerance {v['tolerance']:g}) — [green]passed[/]")
     console.print(
         f"wrote {result.output} and {result.manifest_path.name}"
         + (f", report {report}" if report else "")
         + f" in {time.perf_counter() - start:.1f} s"
     )
+
+
+def _check_plot(plot: Path, pipeline: list) -> None:
+    """Fail before any work when --plot cannot be honoured."""
+    if not any(getattr(p, "fmt", "") for p in pipeline):
+        raise QeffError("--plot draws the per-weight error of an MX pass, and none is in --passes",
+                        "add mxfp6, mxfp4, mxfp8 or mxint8, or drop --plot")
+    if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise QeffError(f"--plot {plot}: unknown image type", "name it .png, .svg or .pdf")
+    if not plot.parent.exists():
+        raise QeffError(f"--plot {plot}: folder {plot.parent} does not exist", "create it or choose another path")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise QeffError("--plot needs matplotlib", "pip install matplotlib (or the package's [plot] extra)") from None
 
 
 opt_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -158,6 +190,7 @@ def qeff_opt(
         help="what --verify accepts: max abs difference (default 1e-4), or with fp16clip in the "
              "pipeline the difference relative to the largest reference value (default 1e-2)"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the change report as JSON"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="draw the per-weight error of MX passes per layer (.png)"),
     external_data: Optional[bool] = typer.Option(
         None, "--external-data/--no-external-data", help="weights in a .data file (default: as the input, or when > 1 GiB)"
     ),
@@ -170,7 +203,7 @@ def qeff_opt(
     if list_passes:
         print_pass_list()
         return
-    run_opt(model, passes, output, ctx_len, verify, tolerance, report, external_data, quiet)
+    run_opt(model, passes, output, ctx_len, verify, tolerance, report, external_data, quiet, plot)
 
 
 def opt_main() -> None:

@@ -363,3 +363,34 @@ def test_kv_fp16clip_verifies_in_fp16_simulation(tiny_export, tmp_path, monkeypa
     verification = json.loads(report.read_text())["verification"]
     assert "fp16 simulation" in verification["method"] and verification["tolerance"] == 1e-2
     assert 0 < verification["max_rel"] <= 1e-2  # fp16 rounding shows, within the tolerance
+
+
+def test_mx_verify_reports_quantization_instead_of_failing(tiny_export, tmp_path, monkeypatch, capsys):
+    """An MX pass changes the numbers by design: --verify reports tokens and logits and passes
+    unless they break; an explicit --tolerance makes it a hard check again."""
+    out = tmp_path / "llama.mx.onnx"
+    args = [tiny_export("llama"), "--passes", "kv:ctx_len=40,mxfp6,mxint8kv", "--verify", "-o", out]
+    code, stdout, err = invoke(cli.opt_main, args, monkeypatch, capsys)
+    assert code == 0, err
+    assert "quantized model, reported" in " ".join(stdout.split())
+    manifest = json.loads((tmp_path / "llama.mx.qeff.json").read_text())
+    assert manifest["mx"]["compiler_flag"] == "-mxfp6-matmul" and manifest["kv"]["precision"] == "mxint8"
+    out.unlink()
+    code, _, err = invoke(cli.opt_main, args + ["--tolerance", "1e-6"], monkeypatch, capsys)
+    assert code == 2 and "--verify failed" in err and not out.exists()
+
+
+def test_mx_error_table_and_plot(tiny_export, tmp_path, monkeypatch, capsys):
+    """mxfp6 prints the per-weight SQNR table and --plot draws it; --plot without an MX pass
+    is refused before anything runs."""
+    plot = tmp_path / "errors.png"
+    code, stdout, err = invoke(
+        cli.opt_main, [tiny_export("llama"), "--passes", "mxfp6", "-o", tmp_path / "m.onnx", "--plot", plot],
+        monkeypatch, capsys)
+    assert code == 0, err
+    text = " ".join(stdout.split())
+    assert "mxfp6: per-weight error" in text and "m.lm_head.weight" in text and "SQNR dB" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    code, _, err = invoke(cli.opt_main, [tiny_export("llama"), "--passes", "cleanup", "-o", tmp_path / "c.onnx",
+                                         "--plot", tmp_path / "x.png"], monkeypatch, capsys)
+    assert code == 2 and "no" in err and "MX pass" in err and not (tmp_path / "c.onnx").exists()

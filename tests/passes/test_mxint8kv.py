@@ -1,0 +1,83 @@
+"""mxint8kv: the in-graph MXINT8 simulation is bit-identical to the C kernel, and after kv the
+cache attention reads (and the retained state) is exactly the MXINT8-quantized K/V."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from qeff.errors import QeffError
+from qeff.passes import optimize
+from qeff.passes.kv_runner import KVRunner, verify_kv_model
+from qeff.passes.mx import quantize_dequantize
+from qeff.passes.mxint8kv import mxint8_qdq
+from qeff.passes.verify import onnxruntime_session
+from tests.passes.test_kv import CTX
+
+
+def _qdq_model(shape: tuple[int, ...], scale: str) -> bytes:
+    x = ir.Value(name="x", shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18}, name="g")
+    nodes, out = mxint8_qdq(graph, x, shape[-1], 32, scale, prefix="q")
+    graph.extend(nodes)
+    out.name = "y"
+    graph.outputs.append(out)
+    return ir.serde.serialize_model(ir.Model(graph, ir_version=10)).SerializeToString()
+
+
+def _edge_values(shape: tuple[int, ...]) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 4, shape[:-1] + (1,))).astype(np.float32)
+    flat = x.reshape(-1, shape[-1])
+    flat[0] = 0.0  # an all-zero block
+    flat[1, :4] = [1e-40, -3e-41, 2 ** -149, 0]  # fp32 subnormals
+    flat[2, 0] = np.nextafter(np.float32(4.0), np.float32(0))  # just below a power of two
+    flat[2, 1:] = 0.5
+    flat[3, 0] = 32.5 / 64  # a tie of codes 32 and 33 at scale 1
+    flat[3, 1] = 1.0
+    flat[4, 7] = np.nan
+    flat[5, 3] = -np.inf
+    flat[6, :] = np.finfo(np.float32).max
+    flat[7, 2] = -np.float32(1.995)
+    return x
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64])
+@pytest.mark.parametrize("scale", ["ocp", "ocp_plus1"])
+def test_graph_simulation_is_bit_identical_to_the_kernel(head_dim, scale):
+    shape = (2, 3, 5, head_dim)
+    x = _edge_values(shape)
+    got = onnxruntime_session(_qdq_model(shape, scale)).run(["y"], {"x": x})[0]
+    want = quantize_dequantize(x, "int8", axis=-1, scale=scale)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    finite = ~np.isnan(want)
+    np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+def test_attention_reads_mxint8_values(tiny_export, tmp_path, arch):
+    """Layer 0's retained cache equals the kernel's MXINT8 of the fp32 kv model's (its K/V do
+    not depend on earlier attention); every layer's cache is on the MXINT8 grid; generation runs."""
+    kv, mx = tmp_path / "kv.onnx", tmp_path / "mx.onnx"
+    optimize(tiny_export(arch), f"kv:ctx_len={CTX}", output=kv)
+    optimize(kv, "mxint8kv", output=mx)
+    prompt = [[5, 9, 3, 7, 1, 4, 2, 8, 6]]
+    plain, quantized = KVRunner(kv, CTX).generate(prompt, 1), KVRunner(mx, CTX).generate(prompt, 1)
+    for name in ("past_key.0", "past_value.0"):
+        want = quantize_dequantize(plain.cache_after_prefill[name], "int8", axis=-1)
+        np.testing.assert_array_equal(quantized.cache_after_prefill[name], want)
+    for name, cache in quantized.cache_after_prefill.items():
+        np.testing.assert_array_equal(quantize_dequantize(cache, "int8", axis=-1), cache, err_msg=name)
+    manifest = json.loads((tmp_path / "mx.qeff.json").read_text())
+    assert manifest["kv"]["precision"] == "mxint8"
+    assert manifest["custom_io"]["past_key.0"] == manifest["custom_io"]["past_value.1_RetainedState"] == "mxint8"
+    summary = verify_kv_model(tiny_export(arch), mx, ctx_len=CTX, max_new_tokens=8)
+    print(f"{arch}: kv,mxint8kv tokens vs fp32 {summary['token_agreement']}")
+
+
+def test_needs_kv(tiny_export, tmp_path):
+    with pytest.raises(QeffError, match="kv"):
+        optimize(tiny_export("llama"), "mxint8kv", output=tmp_path / "x.onnx")
