@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_io  # noqa: E402  (the model generator and the RSS-measuring launcher)
 
 from qeff.passes.mx import quantize_dequantize, quantize_dequantize_numpy  # noqa: E402
+from qeff.passes.mx_weights import weight_uses  # noqa: E402
 
 GB = 1 << 30
 TARGET_KERNEL_GBS = 2.0
@@ -93,10 +94,10 @@ def bench_pass(size_gb: float, repeat: int, workdir: Path) -> dict[str, Any]:
     manifest = json.loads((out_dir / "model.qeff.json").read_text())
     quantized = manifest["mx"]["weights"]
     sample = ir.load(out_model)
-    weight = next(v for v in sample.graph.initializers.values()
-                  if v.const_value is not None and v.const_value.shape.rank() == 2 and v.const_value.size > 1024)
+    weight, uses = next(iter(weight_uses(sample.graph).items()))  # the first MatMul weight
     array = weight.const_value.numpy()
-    if not np.array_equal(quantize_dequantize(array, "fp6_e2m3", axis=0).view(np.uint32), array.view(np.uint32)):
+    again = quantize_dequantize(array, "fp6_e2m3", axis=uses[0].axis)
+    if not np.array_equal(again.view(np.uint32), array.view(np.uint32)):
         raise RuntimeError(f"{weight.name} in the output is not on the MXFP6 grid")
     ratio = min(runs) / min(copies)
     rss_gb = max(peaks) / GB

@@ -266,7 +266,8 @@ def _save_external(model: ir.Model, path: Path, data_name: str, progress: bool) 
 
     Weights that still live in an input data file are copied range by range inside the kernel
     (``os.copy_file_range``), as a plain file copy would, so they never pass through Python
-    memory; weights a pass rewrote are written one tensor at a time. The model's own tensors
+    memory; weights a pass rewrote are written one tensor at a time (a lazy one, such as an MX
+    weight, chunk by chunk). The model's own tensors
     are swapped for references into the new file only while the graph is serialised.
     """
     values = [v for g in model.graphs() for v in g.initializers.values() if v.const_value is not None]
@@ -285,6 +286,8 @@ def _save_external(model: ir.Model, path: Path, data_name: str, progress: bool) 
                 tensor = value.const_value
                 if isinstance(tensor, ir.ExternalTensor):
                     _copy_range(tensor, out, sources)
+                elif isinstance(tensor, ir.LazyTensor):
+                    tensor.tofile(out)  # a streamed tensor writes itself chunk by chunk
                 else:
                     out.write(tensor.tobytes())
                 length = tensor.nbytes

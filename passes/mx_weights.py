@@ -8,16 +8,17 @@ import ast
 import collections
 import dataclasses
 import fnmatch
+import functools
 import logging
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from qeff.errors import PassOptionError
 from qeff.passes.base import QeffPass
 from qeff.passes.mx.formats import ElementFormat, element_format
-from qeff.passes.mx.stream import Spill, WeightError, quantize_tensor
+from qeff.passes.mx.stream import WeightError, quantize_tensor
 from qeff.passes.progress import bytes_progress
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,10 @@ class MXWeightPass(QeffPass):
        value there; the MatMul gets a quantized copy.
     3. Weights matching ``skip``, with fewer than ``min_size`` elements, read along two
        different axes, or (``keep_lm_head``) producing the logits are left alone.
-    4. Weights are processed one at a time, in chunks, with a progress bar; large external
-       weights are never held in memory (``qeff.passes.mx.stream``).
+    4. An in-memory weight is quantized at once; a weight in external data is quantized,
+       measured and written chunk by chunk as the model is saved, so a large model is read once
+       and never held in memory (``qeff.passes.mx.stream``); its error appears in the report
+       once it is written.
     Quantizing again gives the same weights, as the compiler will when it stores them.
     """
 
@@ -139,31 +142,29 @@ class MXWeightPass(QeffPass):
         graph = model.graph
         lm_head = _logits_producers(graph) if options.keep_lm_head else set()
         plan, skipped = self._plan(graph, lm_head)
-        spill: list[Spill] = []
-
-        def spill_file() -> Spill:
-            if not spill:
-                near = next((Path(t.path).parent for v, _ in plan for t in [v.const_value]
-                             if isinstance(t, ir.ExternalTensor)), None)
-                spill.append(Spill(model, near))
-            return spill[0]
-
         report: dict[str, dict[str, Any]] = {}
+        self.details = {"format": element.name, "weights": report, "skipped": skipped, "weights_quantized": 0}
         total = sum(v.const_value.nbytes for v, _ in plan)
         with bytes_progress(total, f"{self.name}: quantizing weights", self.progress) as advance:
             for value, uses in plan:
-                error = WeightError()
-                quantized = quantize_tensor(value.const_value, uses[0].axis, spill_file, error, advance,
-                                            **self._kernel_options(element))
+                quantized, error = quantize_tensor(value.const_value, uses[0].axis, **self._kernel_options(element))
+                entry = report[_report_key(report, value)] = {
+                    "name": value.name, "shape": [int(d) for d in quantized.shape.numpy()], "axis": uses[0].axis}
+                if error is None:  # streamed: measured as the weight is written
+                    entry.update(sqnr_db=None, max_abs_error=None)
+                    quantized.measured = functools.partial(self._measured, entry)
+                else:
+                    self._measured(entry, error)
                 self._install(graph, value, uses, quantized)
-                report[_report_key(report, value)] = {"name": value.name, "shape": [int(d) for d in quantized.shape.numpy()], "axis": uses[0].axis,
-                                      "sqnr_db": round(error.sqnr_db, 3), "max_abs_error": error.max_abs}
-        self.details = {"format": element.name, "weights": report, "skipped": skipped,
-                        "weights_quantized": len(report)}
-        if report:
-            finite = [w["sqnr_db"] for w in report.values() if w["sqnr_db"] != float("inf")]
-            self.details["min_sqnr_db"] = min(finite) if finite else None
+                advance(value.const_value.nbytes)
+        self.details["weights_quantized"] = len(report)
         return ir.passes.PassResult(model, bool(report))
+
+    def _measured(self, entry: dict[str, Any], error: WeightError) -> None:
+        entry.update(sqnr_db=round(error.sqnr_db, 3), max_abs_error=error.max_abs)
+        measured = [w["sqnr_db"] for w in self.details["weights"].values()
+                    if w["sqnr_db"] is not None and np.isfinite(w["sqnr_db"])]
+        self.details["min_sqnr_db"] = min(measured) if measured else None
 
     def _kernel_options(self, element: ElementFormat) -> dict[str, Any]:
         o = self.options

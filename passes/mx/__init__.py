@@ -8,9 +8,10 @@ the baseline ``bench/bench_mx.py`` measures the kernel against.
 
 from __future__ import annotations
 
-__all__ = ["quantize_dequantize", "quantize_dequantize_numpy", "FORMATS", "element_format"]
+__all__ = ["quantize_dequantize", "quantize_with_error", "quantize_dequantize_numpy", "FORMATS", "element_format"]
 
 import importlib
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,23 @@ def quantize_dequantize(array: np.ndarray, fmt: str | ElementFormat = "fp6_e2m3"
     """The float32 values ``array`` takes after MX quantization to ``fmt`` with blocks of
     ``block`` elements along ``axis``. ``out`` (float32, same shape, C-contiguous; may be
     ``array`` itself) receives the result when given."""
+    out, _ = _run(array, fmt, axis, block, rounding, scale, int8, out, stats=False)
+    return out
+
+
+def quantize_with_error(array: np.ndarray, fmt: str | ElementFormat = "fp6_e2m3", *, axis: int = -1,
+                        block: int = 32, rounding: str = "even", scale: str = "ocp", int8: str = "symmetric",
+                        out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """:func:`quantize_dequantize` and its error in one pass over memory: (result, (sum x²,
+    sum (x − q)², max |x − q|)), in double. ``out`` must not be ``array``."""
+    if out is not None and np.shares_memory(out, array):
+        raise ValueError("quantize_with_error needs out separate from the input")
+    out, stats = _run(array, fmt, axis, block, rounding, scale, int8, out, stats=True)
+    return out, stats
+
+
+def _run(array: np.ndarray, fmt: str | ElementFormat, axis: int, block: int, rounding: str, scale: str,
+         int8: str, out: np.ndarray | None, stats: bool) -> tuple[np.ndarray, Any]:
     axis = check_array(array, axis)
     fmt = resolve_options(fmt, block, rounding, scale, int8)
     source = np.ascontiguousarray(array)
@@ -82,8 +100,8 @@ def quantize_dequantize(array: np.ndarray, fmt: str | ElementFormat = "fp6_e2m3"
     elif out.shape != array.shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError("out must be a writable C-contiguous float32 array of the input's shape")
     outer, length, inner = _as_3d(source, axis)
-    _load_kernel().quantize_dequantize(
+    result = _load_kernel().quantize_dequantize(
         source, out, outer, length, inner, block, fmt.emax, fmt.emin, fmt.mbits,
-        fmt.max_norm, fmt.max_negative(int8), rounding == "nearest", scale == "ocp_plus1",
+        fmt.max_norm, fmt.max_negative(int8), rounding == "nearest", scale == "ocp_plus1", stats,
     )
-    return out
+    return out, result

@@ -14,10 +14,11 @@
  * rounding mode or on compiler flags.
  *
  * Python: quantize_dequantize(src, dst, outer, axis_len, inner, block, emax, emin, mbits,
- *                             max_pos, max_neg, nearest, plus1) -> None
+ *                             max_pos, max_neg, nearest, plus1[, with_stats]) -> None | tuple
  * src and dst are C-contiguous float32 buffers of outer*axis_len*inner elements (they may be the
  * same buffer); max_pos/max_neg are the saturation magnitudes of positive and negative elements.
- * The GIL is released while the kernel runs.
+ * With with_stats (src and dst distinct) it returns (sum x^2, sum (x-q)^2, max |x-q|), read back
+ * slab by slab while the slab is in cache. The GIL is released while the kernel runs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -176,13 +177,42 @@ static void quantize_columns(const uint32_t *src, uint32_t *dst, Py_ssize_t oute
     }
 }
 
+/* Quantization error of `quantized` against `original`: (sum x^2, sum (x-q)^2, max |x-q|) in
+ * double, added into acc[0..2]. A NaN anywhere makes the noise sum NaN. */
+#if defined(__GNUC__) && !defined(__clang__)
+/* The sums are statistics, not quantized values: letting GCC reassociate them vectorises the
+ * loop (the order of additions, not the quantization, then depends on the build). */
+#pragma GCC push_options
+#pragma GCC optimize("associative-math", "no-signed-zeros")
+#endif
+__attribute__((target_clones("avx2", "default")))
+static void error_stats(const float *x, const float *q, Py_ssize_t n, double *acc) {
+    double signal = 0, noise = 0;
+    uint32_t worst = 0;  /* bits of the largest |x - q| in float: integer order is value order */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double v = x[i], d = v - (double)q[i];
+        uint32_t a = bits_of(x[i] - q[i]) & 0x7FFFFFFFu;
+        signal += v * v;
+        noise += d * d;                                   /* a NaN difference makes it NaN */
+        worst = a > worst ? a : worst;
+    }
+    acc[0] += signal;
+    acc[1] += noise;
+    acc[2] = float_of(worst) > acc[2] ? float_of(worst) : acc[2];
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
 static PyObject *py_quantize_dequantize(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer src, dst;
     Py_ssize_t outer, axis_len, inner, block;
     mx_format f;
-    if (!PyArg_ParseTuple(args, "y*w*nnnniiiffpp", &src, &dst, &outer, &axis_len, &inner, &block,
-                          &f.emax, &f.emin, &f.mbits, &f.max_pos, &f.max_neg, &f.nearest, &f.plus1))
+    int with_stats = 0;
+    if (!PyArg_ParseTuple(args, "y*w*nnnniiiffpp|p", &src, &dst, &outer, &axis_len, &inner, &block,
+                          &f.emax, &f.emin, &f.mbits, &f.max_pos, &f.max_neg, &f.nearest, &f.plus1,
+                          &with_stats))
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t count = outer * axis_len * inner;
@@ -202,14 +232,36 @@ static PyObject *py_quantize_dequantize(PyObject *self, PyObject *args) {
         if (inner > 1 && !scratch) {
             PyErr_NoMemory();
         } else {
+            double acc[3] = {0, 0, 0};
             Py_BEGIN_ALLOW_THREADS
-            if (inner > 1)
-                quantize_columns(src.buf, dst.buf, outer, axis_len, inner, block, &f, scratch);
-            else
-                quantize_rows(src.buf, dst.buf, outer, axis_len, block, &f);
+            /* In slabs, so that with_stats reads each slab back while it is still in cache. */
+            const uint32_t *s0 = src.buf;
+            uint32_t *d0 = dst.buf;
+            if (inner > 1) {
+                for (Py_ssize_t o = 0; o < outer; o++)
+                    for (Py_ssize_t b = 0; b < axis_len; b += block) {
+                        Py_ssize_t n = axis_len - b < block ? axis_len - b : block;
+                        Py_ssize_t at = (o * axis_len + b) * inner;
+                        quantize_columns(s0 + at, d0 + at, 1, n, inner, block, &f, scratch);
+                        if (with_stats) error_stats((const float *)(s0 + at), (const float *)(d0 + at), n * inner, acc);
+                    }
+            } else {
+                Py_ssize_t rows = axis_len ? (1 << 16) / axis_len + 1 : outer;
+                for (Py_ssize_t r = 0; r < outer; r += rows) {
+                    Py_ssize_t take = outer - r < rows ? outer - r : rows;
+                    quantize_rows(s0 + r * axis_len, d0 + r * axis_len, take, axis_len, block, &f);
+                    if (with_stats)
+                        error_stats((const float *)(s0 + r * axis_len), (const float *)(d0 + r * axis_len),
+                                    take * axis_len, acc);
+                }
+            }
             Py_END_ALLOW_THREADS
-            result = Py_None;
-            Py_INCREF(result);
+            if (with_stats)
+                result = Py_BuildValue("ddd", acc[0], acc[1], acc[1] != acc[1] ? Py_NAN : acc[2]);
+            else {
+                result = Py_None;
+                Py_INCREF(result);
+            }
         }
         free(scratch);
     }
@@ -219,6 +271,7 @@ static PyObject *py_quantize_dequantize(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+
     {"quantize_dequantize", py_quantize_dequantize, METH_VARARGS,
      "quantize_dequantize(src, dst, outer, axis_len, inner, block, emax, emin, mbits, max_pos, "
      "max_neg, nearest, plus1): MX quantize-dequantize float32 src into dst."},

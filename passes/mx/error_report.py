@@ -25,7 +25,7 @@ def weight_error_table(pass_name: str, weights: Mapping[str, Mapping[str, Any]])
     """A rich table of the weights with the lowest SQNR first (all of them when few)."""
     from rich.table import Table
 
-    rows = sorted(weights.items(), key=lambda item: item[1]["sqnr_db"])
+    rows = sorted(weights.items(), key=lambda item: (item[1]["sqnr_db"] is None, item[1]["sqnr_db"] or 0.0))
     shown = rows if len(rows) <= _MAX_ROWS else rows[:_MAX_ROWS]
     title = f"{pass_name}: per-weight error" + (f" (the {_MAX_ROWS} worst of {len(rows)}; all in --report)"
                                                 if len(shown) < len(rows) else "")
@@ -33,8 +33,10 @@ def weight_error_table(pass_name: str, weights: Mapping[str, Mapping[str, Any]])
     for column in ("weight", "shape", "axis", "SQNR dB", "max abs error"):
         table.add_column(column, justify="left" if column == "weight" else "right")
     for name, w in shown:
-        table.add_row(name, "×".join(map(str, w["shape"])), str(w["axis"]), f"{w['sqnr_db']:.2f}",
-                      f"{w['max_abs_error']:.3g}")
+        measured = w["sqnr_db"] is not None
+        table.add_row(name, "×".join(map(str, w["shape"])), str(w["axis"]),
+                      f"{w['sqnr_db']:.2f}" if measured else "not yet written",
+                      f"{w['max_abs_error']:.3g}" if measured else "—")
     return table
 
 
@@ -53,6 +55,8 @@ def plot_weight_errors(per_pass: Mapping[str, Mapping[str, Mapping[str, Any]]], 
         series: dict[str, tuple[list[float], list[float], list[float]]] = {}
         last = max((layer_of(n) or 0 for n in weights), default=0)
         for name, w in weights.items():
+            if w["sqnr_db"] is None:
+                continue  # a streamed weight not written yet
             layer = layer_of(name)
             kind = _LAYER.split(name)[-1] if layer is not None else name.rsplit(".", 2)[-2] if "." in name else name
             x = layer if layer is not None else last + 1  # lm_head and other weights after the layers

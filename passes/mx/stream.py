@@ -1,46 +1,44 @@
 """Quantize one weight at a time, in chunks, without holding a large model in memory.
 
-A weight stored in an external-data file is read with ``os.pread`` one chunk at a time (whole
-blocks only), quantized, and appended to a spill file beside it; the initializer then points
-into the spill file. The pages read and written stay in the page cache, not in the process, and
-saving the model copies the spill file's ranges inside the kernel (``qeff.passes.model_io``).
-An in-memory weight is quantized in memory.
+A weight stored in an external-data file is replaced by a :class:`StreamedQuantizedTensor`: a
+lazy tensor that, when the model is saved, reads the weight one chunk at a time (whole blocks
+only; see ``_read_chunks``), quantizes it, measures the error and writes each chunk straight to
+the output file (``tofile``). A large model is read once and written once, and only a few chunks
+are ever in memory. An in-memory weight is quantized in memory.
 """
 
 from __future__ import annotations
 
-__all__ = ["WeightError", "Spill", "quantize_tensor"]
+__all__ = ["WeightError", "StreamedQuantizedTensor", "quantize_tensor"]
 
+import concurrent.futures
 import dataclasses
+import mmap
 import os
-import shutil
-import tempfile
-import weakref
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from qeff.passes.mx import quantize_dequantize
+from qeff.passes.mx import quantize_with_error
 
-_CHUNK_BYTES = 64 << 20
+_CHUNK_BYTES = 32 << 20
 
 
 @dataclasses.dataclass
 class WeightError:
-    """Quantization error of one weight, accumulated chunk by chunk."""
+    """Quantization error of one weight, accumulated chunk by chunk (sums from the C kernel)."""
 
     signal: float = 0.0  # sum of x^2
     noise: float = 0.0  # sum of (x - q)^2
     max_abs: float = 0.0
 
-    def add(self, original: np.ndarray, quantized: np.ndarray) -> None:
-        x = original.astype(np.float64)
-        diff = x - quantized
-        self.signal += float(np.dot(x.ravel(), x.ravel()))
-        self.noise += float(np.dot(diff.ravel(), diff.ravel()))
-        self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))) if diff.size else 0.0)
+    def add(self, stats: tuple[float, float, float]) -> None:
+        signal, noise, max_abs = stats
+        self.signal += signal
+        self.noise += noise
+        self.max_abs = max(self.max_abs, max_abs) if not np.isnan(max_abs) else float("nan")
 
     @property
     def sqnr_db(self) -> float:
@@ -51,26 +49,10 @@ class WeightError:
         return 10.0 * float(np.log10(self.signal / self.noise))
 
 
-class Spill:
-    """A data file that receives rewritten weights; removed when ``owner`` is garbage-collected."""
-
-    def __init__(self, owner: object, near: Path | None) -> None:
-        folder = near if near is not None and os.access(near, os.W_OK) else None
-        self.folder = Path(tempfile.mkdtemp(prefix=".qeff-mx-", dir=folder))
-        weakref.finalize(owner, shutil.rmtree, self.folder, True)
-        self.name = "weights.data"
-        self._file = open(self.folder / self.name, "wb")  # noqa: SIM115 - closed in finish()
-        weakref.finalize(owner, self._file.close)
-        self.offset = 0
-
-    def write(self, array: np.ndarray) -> None:
-        self._file.write(memoryview(np.ascontiguousarray(array)).cast("B"))
-        self.offset += array.nbytes
-
-    def tensor(self, start: int, like: ir.TensorProtocol) -> ir.ExternalTensor:
-        self._file.flush()
-        return ir.ExternalTensor(self.name, start, self.offset - start, like.dtype, shape=like.shape,
-                                 name=like.name, base_dir=self.folder)
+def _layout(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
+    axis %= len(shape)
+    return (int(np.prod(shape[:axis], dtype=np.int64)), shape[axis],
+            int(np.prod(shape[axis + 1:], dtype=np.int64)))
 
 
 def _chunks(outer: int, length: int, inner: int, block: int) -> list[tuple[int, int, int]]:
@@ -84,39 +66,96 @@ def _chunks(outer: int, length: int, inner: int, block: int) -> list[tuple[int, 
     return [(a * inner, 1, min(per, length - a)) for a in range(0, length, per)]
 
 
-def quantize_tensor(tensor: ir.TensorProtocol, axis: int, spill: Callable[[], Spill], error: WeightError,
-                    advance: Callable[[int], None], **options) -> ir.TensorProtocol:
-    """The MX-quantized copy of a float32 ``tensor`` (blocks along ``axis``)."""
-    shape = tuple(tensor.shape.numpy())
-    axis %= len(shape)
-    outer = int(np.prod(shape[:axis], dtype=np.int64))
-    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
-    length = shape[axis]
-    if not isinstance(tensor, ir.ExternalTensor):
-        original = np.ascontiguousarray(tensor.numpy()).reshape(outer, length, inner)
-        result = quantize_dequantize(original, axis=1, **options)
-        error.add(original, result)
-        advance(tensor.nbytes)
-        return ir.tensor(result.reshape(shape), name=tensor.name)
-    target = spill()
-    start = target.offset
-    fd = os.open(tensor.path, os.O_RDONLY)
+def _read_chunks(source: ir.ExternalTensor, axis: int, block: int) -> Iterator[np.ndarray]:
+    """The [rows, span, inner] pieces of an external float32 tensor, read-only.
+
+    Each piece is a fresh ``mmap`` of its byte range with ``MAP_POPULATE``: the page cache is
+    mapped, not copied, and unmapped as soon as the caller drops the piece, so only a piece or
+    two is ever resident. The next piece is mapped in a background thread while the caller works
+    on the current one.
+    """
+    outer, length, inner = _layout(tuple(source.shape.numpy()), axis)
+    pieces = _chunks(outer, length, inner, block)
+    fd = os.open(source.path, os.O_RDONLY)
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+
+    def read(index: int) -> np.ndarray:
+        first, rows, span = pieces[index]
+        start = (source.offset or 0) + first * 4
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        count = rows * span * inner
+        if start + count * 4 > os.fstat(fd).st_size:
+            raise OSError(f"external data of {source.name!r} ends early in {source.path}")
+        mapping = mmap.mmap(fd, start - aligned + count * 4, flags=flags, prot=mmap.PROT_READ, offset=aligned)
+        return np.frombuffer(mapping, np.float32, count, start - aligned).reshape(rows, span, inner)
+
     try:
-        for first, rows, span in _chunks(outer, length, inner, options.get("block", 32)):
-            count = rows * span * inner
-            buffer = np.empty(count, np.float32)
-            view = memoryview(buffer).cast("B")
-            done = 0
-            while done < view.nbytes:  # pread may return less than asked
-                got = os.preadv(fd, [view[done:]], (tensor.offset or 0) + first * 4 + done)
-                if got == 0:
-                    raise OSError(f"external data of {tensor.name!r} ends early in {tensor.path}")
-                done += got
-            original = buffer.reshape(rows, span, inner)
-            result = quantize_dequantize(original, axis=1, **options)
-            error.add(original, result)
-            target.write(result)
-            advance(count * 4)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+            ahead = reader.submit(read, 0) if pieces else None
+            for index in range(len(pieces)):
+                piece = ahead.result()
+                ahead = reader.submit(read, index + 1) if index + 1 < len(pieces) else None
+                yield piece
+                del piece  # unmaps it
     finally:
         os.close(fd)
-    return target.tensor(start, tensor)
+
+
+class StreamedQuantizedTensor(ir.LazyTensor):
+    """The MX quantize-dequantize of an external float32 weight, computed when it is read
+    (``numpy``, ``tobytes``) or, chunk by chunk, when it is written (``tofile``). Each full
+    evaluation measures the quantization error and hands it to ``measured``, so a large model is
+    read once: its weights are quantized, measured and written in one pass, at save time."""
+
+    def __init__(self, source: ir.ExternalTensor, axis: int, options: dict[str, Any],
+                 measured: Callable[[WeightError], None] | None = None) -> None:
+        super().__init__(self._whole, source.dtype, source.shape, name=source.name)
+        self.source, self.axis, self.options, self.measured = source, axis, options, measured
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """Quantized pieces; each stays valid until two more have been taken."""
+        error = WeightError()
+        outputs: list[np.ndarray] = []
+        for index, original in enumerate(_read_chunks(self.source, self.axis, self.options.get("block", 32))):
+            if len(outputs) < 3:
+                outputs.append(np.empty_like(original))
+            out = outputs[index % 3]
+            if out.size < original.size:
+                out = outputs[index % 3] = np.empty_like(original)
+            quantized, stats = quantize_with_error(original, axis=1, out=out.reshape(-1)[:original.size]
+                                                   .reshape(original.shape), **self.options)
+            error.add(stats)
+            yield quantized
+        if self.measured is not None:
+            self.measured(error)
+
+    def _whole(self) -> ir.Tensor:
+        pieces = [c.reshape(-1).copy() for c in self.chunks()]
+        array = np.concatenate(pieces) if pieces else np.empty(0, np.float32)
+        return ir.tensor(array.reshape(tuple(self.shape.numpy())), name=self.name)
+
+    def tofile(self, file: Any) -> None:
+        """Write chunk by chunk; each write runs in a thread while the next chunk is quantized."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+            pending = None
+            for chunk in self.chunks():
+                if pending is not None:
+                    pending.result()  # frees the buffer the next chunk goes into
+                pending = writer.submit(file.write, memoryview(chunk).cast("B"))
+            if pending is not None:
+                pending.result()
+
+
+def quantize_tensor(tensor: ir.TensorProtocol, axis: int,
+                    **options: Any) -> tuple[ir.TensorProtocol, WeightError | None]:
+    """The MX-quantized version of a float32 ``tensor`` (blocks along ``axis``) and its error.
+    An external tensor is not read here: it comes back as a :class:`StreamedQuantizedTensor`,
+    and its error (None here) is measured when it is written."""
+    if isinstance(tensor, ir.ExternalTensor):
+        return StreamedQuantizedTensor(tensor, axis, options), None
+    shape = tuple(tensor.shape.numpy())
+    original = np.ascontiguousarray(tensor.numpy()).reshape(_layout(shape, axis))
+    result, stats = quantize_with_error(original, axis=1, **options)
+    error = WeightError()
+    error.add(stats)
+    return ir.tensor(result.reshape(shape), name=tensor.name), error

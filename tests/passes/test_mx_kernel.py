@@ -5,6 +5,7 @@ point. Bit-exact comparison, for every format × rounding × scale rule, on edge
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from fractions import Fraction
 
@@ -21,6 +22,7 @@ _FLT_MAX = Fraction(float(np.finfo(np.float32).max))
 _EMAX = {"fp8_e4m3": 8, "fp8_e5m2": 15, "fp6_e3m2": 4, "fp6_e2m3": 2, "fp4_e2m1": 2, "int8": 0}
 
 
+@functools.lru_cache(maxsize=None)
 def _grid(fmt: str, int8: str = "symmetric", negative: bool = False) -> list[Fraction]:
     """Every non-negative finite element value in code order (adjacent codes differ in the last bit)."""
     if fmt == "int8":
@@ -73,12 +75,12 @@ def reference(values: np.ndarray, fmt: str, block: int, rounding: str, scale: st
         amax = max(abs(Fraction(float(v))) for v in chunk)
         s = -127 if amax == 0 else _floor_log2(amax) - _EMAX[fmt] + (scale == "ocp_plus1")
         s = min(max(s, -127), 127)
+        # Saturation at the largest element whose value stays within float32.
+        grids = {sign: [g for g in _grid(fmt, int8, sign) if g * Fraction(2) ** s <= _FLT_MAX] for sign in (False, True)}
         for i, v in enumerate(chunk):
             a = abs(Fraction(float(v))) / Fraction(2) ** s
             negative = bool(np.signbit(v))
-            # Saturation at the largest element whose value stays within float32.
-            grid = [g for g in _grid(fmt, int8, negative) if g * Fraction(2) ** s <= _FLT_MAX]
-            r = _round_onto(grid, a, rounding == "nearest") * Fraction(2) ** s
+            r = _round_onto(grids[negative], a, rounding == "nearest") * Fraction(2) ** s
             as_float = np.float32(float(r))
             assert Fraction(float(as_float)) == r, "the result must be representable"
             out[start + i] = -as_float if negative else as_float
@@ -110,8 +112,8 @@ def edge_cases(fmt: str) -> np.ndarray:
     blocks.append(np.array(above + [top / 3] * 28, np.float32))  # saturation just above max_norm
     blocks.append(np.array([1e-40, -3e-42, 2 ** -149, 1e-45, -1.2e-38, 0.0, 7e-39] * 4 + [5e-41] * 4, np.float32))
     blocks.append(np.concatenate([rng.standard_normal(16) * 1e-30, [1e-41] * 16]).astype(np.float32))
-    for k in (0, 3, -5, 60, -100):
-        for n in (1, 2, 3, 7, 44):
+    for k, counts in ((0, range(1, 45)), (3, (1, 2, 44)), (-5, range(1, 45)), (60, (1, 7, 44)), (-100, (1, 3, 44))):
+        for n in counts:
             peak = _ulps_below(2.0 ** k, n)
             row = (rng.standard_normal(32) * float(peak) / 4).astype(np.float32)
             row[n % 32] = -peak if n % 2 else peak
@@ -214,6 +216,19 @@ def test_idempotent_and_in_place():
 def test_clear_errors(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_kernel_refuses_inconsistent_buffers():
+    """The extension itself checks sizes, so a wrong call raises instead of reading out of bounds."""
+    from qeff.passes.mx import _kernel
+
+    x = np.ones(8, np.float32)
+    with pytest.raises(ValueError, match="bytes"):
+        _kernel.quantize_dequantize(x, np.empty(4, np.float32), 1, 8, 1, 32, 2, 0, 3, 7.5, 7.5, False, False)
+    with pytest.raises(ValueError, match="block"):
+        _kernel.quantize_dequantize(x, np.empty(8, np.float32), 1, 8, 1, 0, 2, 0, 3, 7.5, 7.5, False, False)
+    with pytest.raises(TypeError):
+        _kernel.quantize_dequantize(x, x.tobytes(), 1, 8, 1, 32, 2, 0, 3, 7.5, 7.5, False, False)  # read-only
 
 
 def _assert_bits_equal(got: np.ndarray, want: np.ndarray) -> None:

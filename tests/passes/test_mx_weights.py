@@ -120,7 +120,12 @@ def test_external_weights_are_streamed_in_chunks(tmp_path, monkeypatch):
     manifest = json.loads((tmp_path / "out.qeff.json").read_text())
     assert manifest["mx"] == {"pass": "mxfp6", "format": "fp6_e2m3", "block": 32, "rounding": "even",
                               "scale": "ocp", "weights": 5, "compiler_flag": "-mxfp6-matmul"}
-    assert result.report.passes[-1].details["weights_quantized"] == 5
+    details = result.report.passes[-1].details
+    assert details["weights_quantized"] == 5
+    w = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "w_kn"), base_dir=str(tmp_path))
+    q = _init(in_memory, "w_kn")
+    sqnr = 10 * np.log10((w.astype(np.float64) ** 2).sum() / ((w.astype(np.float64) - q) ** 2).sum())
+    assert details["weights"]["w_kn"]["sqnr_db"] == pytest.approx(sqnr, abs=1e-3)  # measured while written
 
 
 _AGREEMENT: dict[str, str] = {}
