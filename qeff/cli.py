@@ -288,6 +288,53 @@ def export_command(
         console.print(f"onnxruntime vs torch: max abs logits difference {result.max_abs_diff:.2e}")
 
 
+@app.command("compile")
+def compile_command(
+    model: Path = typer.Argument(..., help="the .onnx qeff-opt wrote (its manifest beside it supplies defaults)"),
+    output: Path = typer.Option(..., "--output", "-o", help="compile folder (the QPC goes to OUTPUT/qpc)"),
+    num_cores: int = typer.Option(16, "--num-cores", help="AI cores per device"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch size (default 1)"),
+    prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="prefill sequence length (default: manifest, else 32)"),
+    ctx_len: Optional[int] = typer.Option(None, "--ctx-len", help="cache length (default: manifest or the model)"),
+    full_batch_size: Optional[int] = typer.Option(None, "--full-batch-size", help="continuous batching: cache rows"),
+    devices: Optional[str] = typer.Option(None, "--devices", help="device ids, e.g. 0,1,2,3 (more than one: multi-device partition)"),
+    mos: Optional[int] = typer.Option(None, "--mos", help="compiler -mos (effort to reduce on-chip memory)"),
+    ols: Optional[int] = typer.Option(None, "--ols", help="compiler -ols (split factor for operations)"),
+    depth_first: bool = typer.Option(False, "--depth-first", help="compiler -aic-enable-depth-first"),
+    mxfp6: Optional[bool] = typer.Option(None, "--mxfp6/--no-mxfp6", help="-mxfp6-matmul (default: from the manifest)"),
+    kv_precision: Optional[str] = typer.Option(None, "--kv-precision", help="float16, bfloat16 or mxint8 (default: manifest)"),
+    specializations_format: str = typer.Option("flat", "--specializations-format", help="flat (every SDK) or named (newer SDKs)"),
+    compiler: Optional[str] = typer.Option(None, "--compiler", help="compiler executable (default: $QAIC_COMPILER, then the SDK's)"),
+    hw_version: Optional[str] = typer.Option(None, "--hw-version", help="hardware version (default ai100; 2.0 for qaic-exec)"),
+    flag: Optional[list[str]] = typer.Option(None, "--flag", help="extra compiler flag, repeatable, e.g. --flag=-aic-perf-metrics"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="write the files and the command, do not compile"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="stop the compiler after this many seconds"),
+) -> None:
+    """Lower a rewritten model to the Cloud AI compiler: specializations, custom IO, multi-device, QPC."""
+    from qeff.backend_aic import CompileOptions, compile_model
+
+    device_ids: tuple[int, ...] = ()
+    if devices:
+        try:
+            device_ids = tuple(int(d) for d in devices.split(",") if d.strip())
+        except ValueError:
+            raise QeffError(f"--devices {devices}: not a list of numbers", "e.g. --devices 0,1") from None
+    options = CompileOptions(
+        num_cores=num_cores, batch_size=batch_size, prefill_len=prefill_len, ctx_len=ctx_len,
+        full_batch_size=full_batch_size, devices=device_ids, mos=mos, ols=ols, depth_first=depth_first,
+        mxfp6=mxfp6, kv_precision=kv_precision, specializations_format=specializations_format, compiler=compiler,
+        hw_version=hw_version, extra_flags=tuple(flag or ()), dry_run=dry_run, timeout=timeout,
+    )
+    result = compile_model(model, output, options, console=console)
+    console.print(result.command_text, soft_wrap=True, markup=False, highlight=False)
+    if result.status == "dry-run":
+        console.print(f"dry run: wrote {', '.join(sorted(result.files.values()))} and command.txt to {result.folder}")
+    elif result.status == "cached":
+        console.print(f"unchanged since the last compile (hash {result.hash}): kept {result.qpc}")
+    else:
+        console.print(f"compiled {result.qpc} in {result.seconds:.1f} s (log: {result.folder / 'compile.log'})")
+
+
 @app.command("demo")
 def demo_command(
     arch: str = typer.Option("llama", "--arch", help="tiny architecture to build"),

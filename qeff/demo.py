@@ -71,7 +71,8 @@ def run_demo(
     seed: int = 0,
     console: Console | None = None,
 ) -> dict:
-    """Run the demo; returns ``{"export", "optimize", "generation"}`` (generation None without kv).
+    """Run the demo; returns ``{"export", "optimize", "generation", "compile"}`` (generation None
+    without kv; compile is the dry-run :class:`qeff.backend_aic.CompileResult`).
 
     ``ctx_len`` (default 64) goes to the passes that take it, like ``qeff-opt --ctx-len``; an
     explicit ``kv:ctx_len=…`` in ``passes`` wins.
@@ -129,8 +130,9 @@ def run_demo(
         generation = _generate(exported.path, result.output, result.manifest.get("ctx_len"), seed)
         _print_generation(console, generation)
 
+    compiled = _dry_run_compile(console, result.output, workdir / "compile")
     console.print(
-        f"files: {result.output.name}, {result.manifest_path.name}, report.json in {workdir} "
+        f"files: {result.output.name}, {result.manifest_path.name}, report.json, compile/ in {workdir} "
         f"— done in {time.perf_counter() - start:.1f} s"
     )
     if generation is not None and not all(generation.matches):
@@ -141,7 +143,23 @@ def run_demo(
             f"the KV model's greedy tokens differ from the original export's for prompt #{bad}",
             "see the generation table above; rerun with --debug and report it",
         )
-    return {"export": exported, "optimize": result, "generation": generation}
+    return {"export": exported, "optimize": result, "generation": generation, "compile": compiled}
+
+
+def _dry_run_compile(console: Console, model: Path, folder: Path):
+    """Step 5: the compile files and the exact compiler command (no compiler is needed for it)."""
+    from qeff.backend_aic import CompileOptions, compile_model
+    from qeff.errors import QeffError
+
+    try:
+        compiled = compile_model(model, folder, CompileOptions(dry_run=True))
+    except QeffError as e:  # e.g. a plain export whose symbols the compile cannot size
+        console.print(f"5. dry-run compile skipped: {e}")
+        return None
+    console.print(f"5. dry-run compile: wrote {', '.join(sorted(compiled.files.values()))} to {folder}; "
+                  "on a machine with the Cloud AI SDK the command is:")
+    console.print(compiled.command_text, soft_wrap=True, markup=False, highlight=False)
+    return compiled
 
 
 def _generate(reference: Path, kv_model: Path, ctx_len: int | None, seed: int) -> DemoGeneration:

@@ -281,6 +281,12 @@ def test_demo_runs_the_flow(tmp_path, monkeypatch, capsys):
     steps = out.split("max abs logits difference per step (0 = prefill, worst prompt):")[1].splitlines()[0].split()
     assert len(steps) == 12 and max(float(d) for d in steps) < 1e-4
     assert "tokens/s" in out and "prefill 2 prompts in 2 chunks of 4:" in out
+    # Last, a dry-run compile: the files and the command for the Cloud AI compiler.
+    assert "5. dry-run compile: wrote custom_io.yaml, specializations.json" in out
+    command = (demo / "compile" / "command.txt").read_text().strip()
+    assert command in out and command.startswith("/opt/qti-aic/exec/qaic-compile -aic-hw -aic-hw-version=ai100 -m=")
+    assert json.loads((demo / "compile" / "specializations.json").read_text())["specializations"][1] == {
+        "batch_size": "1", "seq_len": "1", "ctx_len": "32"}
 
 
 def test_demo_without_kv_skips_generation(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,63 @@
+"""The text of the files the compiler reads: specializations, custom IO, multi-device partition."""
+
+from __future__ import annotations
+
+__all__ = ["specializations", "specializations_json", "custom_io_yaml", "mdp_json"]
+
+import json
+
+from qeff.backend_aic.model_info import ModelInfo
+from qeff.backend_aic.options import ResolvedOptions
+from qeff.errors import QeffError
+
+_NAMES = ("Prefill", "Decode")
+
+
+def specializations(info: ModelInfo, o: ResolvedOptions) -> list[dict[str, str]]:
+    """One dict of symbol values per specialization (prefill, then decode for a KV model),
+    holding only the symbols the model's inputs use."""
+    symbols = info.symbols()
+    if info.has_kv:
+        prefill = {"batch_size": o.batch_size, "seq_len": o.prefill_len, "ctx_len": o.ctx_len}
+        decode = {"batch_size": o.batch_size, "seq_len": 1, "ctx_len": o.ctx_len}
+        if o.full_batch_size:
+            prefill = {"batch_size": 1, "seq_len": o.prefill_len, "ctx_len": o.ctx_len,
+                       "full_batch_size": o.full_batch_size}
+            decode = {"batch_size": o.full_batch_size, "seq_len": 1, "ctx_len": o.ctx_len,
+                      "full_batch_size": o.full_batch_size}
+        chosen = [prefill, decode]
+    else:
+        chosen = [{"batch_size": o.batch_size, "seq_len": o.prefill_len}]
+    unknown = sorted(symbols - set(chosen[0]))
+    if unknown:
+        raise QeffError(f"the model's inputs use symbols the compile cannot size: {', '.join(unknown)}",
+                        "bind them with the fixed pass, e.g. fixed:" + ",".join(f"{s}=N" for s in unknown))
+    return [{k: str(v) for k, v in spec.items() if k in symbols} for spec in chosen]
+
+
+def specializations_json(specs: list[dict[str, str]], form: str) -> str:
+    """``flat`` works with every SDK; ``named`` is what newer SDKs take (older ones reject it
+    with "type must be string, but is object")."""
+    if form == "named":
+        entries = [{"name": _NAMES[i] if len(specs) > 1 else "Prefill", "symbols": s} for i, s in enumerate(specs)]
+        return json.dumps({"specializations": entries}, indent=2) + "\n"
+    return json.dumps({"specializations": specs}, indent=2) + "\n"
+
+
+def custom_io_yaml(info: ModelInfo, precision: str) -> str:
+    """Every KV input and its retained-state output, in layer order."""
+    lines = []
+    for name in info.kv_inputs:
+        for io_name in (name, f"{name}_RetainedState"):
+            if io_name == name or io_name in info.retained_outputs:
+                lines.append(f" - IOName: {io_name}\n   Precision: {precision}\n\n")
+    return "".join(lines)
+
+
+def mdp_json(devices: int, num_cores: int) -> str:
+    """One partition over ``devices`` devices (logical ids 0..n-1), peer to peer."""
+    ids = list(range(devices))
+    config = {"connections": [{"devices": ids, "type": "p2p"}],
+              "partitions": [{"name": "Partition0",
+                              "devices": [{"deviceId": d, "numCores": num_cores} for d in ids]}]}
+    return json.dumps(config, indent=2) + "\n"

@@ -1,0 +1,72 @@
+"""What the compiler needs to know about a rewritten model: its KV I/O, symbols and manifest."""
+
+from __future__ import annotations
+
+__all__ = ["ModelInfo", "read_model_info"]
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from qeff.errors import QeffError
+
+_PAST = re.compile(r"past_(key|value)\.(\d+)$")
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    path: Path
+    manifest: dict[str, Any]
+    kv_inputs: list[str]  # past_key.0, past_value.0, ... in layer order
+    retained_outputs: list[str]  # the matching _RetainedState outputs
+    input_dims: dict[str, list[int | str | None]]
+    continuous_batching: bool
+
+    @property
+    def has_kv(self) -> bool:
+        return bool(self.kv_inputs)
+
+    def cache_length(self) -> int | str | None:
+        """The cache length dim of the KV inputs: a number when fixed, else its symbol."""
+        dims = self.input_dims.get(self.kv_inputs[0]) if self.kv_inputs else None
+        return dims[2] if dims and len(dims) == 4 else None
+
+    def symbols(self) -> set[str]:
+        return {d for dims in self.input_dims.values() for d in dims if isinstance(d, str)}
+
+
+def _manifest_path(model: Path) -> Path:
+    stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
+    return model.with_name(f"{stem}.qeff.json")
+
+
+def read_model_info(model: str | os.PathLike) -> ModelInfo:
+    """Read the graph's interface (no weight is read) and the manifest beside it, if any."""
+    path = Path(model)
+    if not path.is_file():
+        raise QeffError(f"model {path} does not exist", "give the .onnx that qeff-opt wrote")
+    manifest_file = _manifest_path(path)
+    manifest: dict[str, Any] = {}
+    if manifest_file.is_file():
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except json.JSONDecodeError as e:
+            raise QeffError(f"manifest {manifest_file.name} is not valid JSON ({e.msg})",
+                            "re-run qeff-opt to write it again, or delete it") from None
+    try:
+        graph = ir.load(path).graph
+    except Exception as e:  # onnx/protobuf raise many types for a broken file
+        raise QeffError(f"cannot read {path.name} as ONNX: {e}", "give the .onnx that qeff-opt wrote") from None
+    dims = {v.name: [d if isinstance(d, int) else (d.value if d is not None else None) for d in v.shape]
+            if v.shape is not None else [] for v in graph.inputs}
+    past = sorted((v.name for v in graph.inputs if _PAST.match(v.name or "")),
+                  key=lambda n: (int(_PAST.match(n).group(2)), _PAST.match(n).group(1) != "key"))
+    outputs = {v.name for v in graph.outputs}
+    retained = [f"{name}_RetainedState" for name in past if f"{name}_RetainedState" in outputs]
+    return ModelInfo(path=path, manifest=manifest, kv_inputs=past, retained_outputs=retained, input_dims=dims,
+                     continuous_batching="batch_index" in dims)

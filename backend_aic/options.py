@@ -1,0 +1,115 @@
+"""Compile options, and how they are completed from the model's manifest (DESIGN §4)."""
+
+from __future__ import annotations
+
+__all__ = ["CompileOptions", "ResolvedOptions", "resolve_options", "KV_PRECISIONS", "SPECIALIZATION_FORMATS"]
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from qeff.backend_aic.model_info import ModelInfo
+from qeff.errors import QeffError
+
+KV_PRECISIONS = ("float16", "bfloat16", "mxint8")
+SPECIALIZATION_FORMATS = ("flat", "named")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """What ``qeff compile`` takes. None means: from the manifest, else the default."""
+
+    num_cores: int = 16
+    batch_size: int | None = None
+    prefill_len: int | None = None
+    ctx_len: int | None = None
+    full_batch_size: int | None = None
+    devices: Sequence[int] = ()
+    mos: int | None = None
+    ols: int | None = None
+    depth_first: bool = False
+    mxfp6: bool | None = None
+    kv_precision: str | None = None
+    specializations_format: str = "flat"
+    compiler: str | None = None
+    hw_version: str | None = None
+    extra_flags: Sequence[str] = ()
+    dry_run: bool = False
+    timeout: float | None = None
+    convert_to_fp16: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedOptions:
+    num_cores: int
+    batch_size: int
+    prefill_len: int
+    ctx_len: int | None
+    full_batch_size: int | None
+    devices: tuple[int, ...]
+    mos: int | None
+    ols: int | None
+    depth_first: bool
+    mxfp6: bool
+    kv_precision: str
+    specializations_format: str
+    extra_flags: tuple[str, ...]
+    node_precision_info: Path | None
+    convert_to_fp16: bool
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise QeffError(f"{name} must be at least 1, got {value}", f"e.g. {name}=1")
+
+
+def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions:
+    """Fill what the user left open from the manifest and the model, and check it against the model."""
+    manifest = info.manifest
+    for name in ("num_cores", "batch_size", "prefill_len", "ctx_len", "full_batch_size", "mos", "ols"):
+        _positive(f"--{name.replace('_', '-')}", getattr(options, name))
+    if options.kv_precision is not None and options.kv_precision not in KV_PRECISIONS:
+        raise QeffError(f"unknown KV precision {options.kv_precision!r}", f"choose one of {', '.join(KV_PRECISIONS)}")
+    if options.specializations_format not in SPECIALIZATION_FORMATS:
+        raise QeffError(f"unknown specializations format {options.specializations_format!r}",
+                        "choose flat (every SDK) or named (newer SDKs)")
+    if len(set(options.devices)) != len(options.devices) or any(d < 0 for d in options.devices):
+        raise QeffError(f"--devices {','.join(map(str, options.devices))}: each device id once, none negative",
+                        "e.g. --devices 0,1,2,3")
+    ctx = options.ctx_len or manifest.get("ctx_len")
+    model_ctx = info.cache_length()
+    if info.has_kv:
+        if isinstance(model_ctx, int) and ctx is not None and ctx != model_ctx:
+            raise QeffError(f"--ctx-len {ctx} does not match the model's KV inputs, whose cache length is fixed "
+                            f"at {model_ctx} ({info.kv_inputs[0]})",
+                            f"use --ctx-len {model_ctx}, or rewrite the model with kv:ctx_len={ctx}")
+        ctx = ctx or (model_ctx if isinstance(model_ctx, int) else None)
+        if ctx is None:
+            raise QeffError("the model's cache length is symbolic and no ctx_len is known",
+                            "pass --ctx-len N")
+    specs = manifest.get("specializations") or []
+    prefill_default = next((s.get("seq_len") for s in specs if s.get("seq_len", 1) > 1), None)
+    prefill = options.prefill_len or prefill_default or 32
+    if ctx is not None and prefill > ctx:
+        raise QeffError(f"--prefill-len {prefill} is longer than the cache ({ctx})", "use a shorter prefill length")
+    full_batch = options.full_batch_size or (manifest.get("kv") or {}).get("full_batch_size")
+    if info.continuous_batching and not full_batch:
+        raise QeffError("the model has continuous batching (batch_index) but no full batch size is known",
+                        "pass --full-batch-size N")
+    if not info.continuous_batching and options.full_batch_size:
+        raise QeffError("--full-batch-size needs a model with continuous batching (batch_index input)",
+                        "rewrite it with kv:continuous_batching=true")
+    custom_io = manifest.get("custom_io") or {}
+    kv_default = "mxint8" if "mxint8" in custom_io.values() or (manifest.get("kv") or {}).get("precision") == "mxint8" \
+        else "float16"
+    mx = manifest.get("mx") or {}
+    mxfp6 = options.mxfp6 if options.mxfp6 is not None else mx.get("compiler_flag") == "-mxfp6-matmul"
+    npi = manifest.get("node_precision_info")
+    return ResolvedOptions(
+        num_cores=options.num_cores, batch_size=options.batch_size or 1, prefill_len=prefill,
+        ctx_len=ctx, full_batch_size=full_batch if info.continuous_batching else None,
+        devices=tuple(options.devices), mos=options.mos, ols=options.ols, depth_first=options.depth_first,
+        mxfp6=bool(mxfp6), kv_precision=options.kv_precision or kv_default,
+        specializations_format=options.specializations_format, extra_flags=tuple(options.extra_flags),
+        node_precision_info=(info.path.parent / npi) if npi else None, convert_to_fp16=options.convert_to_fp16,
+    )
