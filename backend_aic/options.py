@@ -73,6 +73,9 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
     if options.specializations_format not in SPECIALIZATION_FORMATS:
         raise QeffError(f"unknown specializations format {options.specializations_format!r}",
                         "choose flat (every SDK) or named (newer SDKs)")
+    bad = [f for f in options.extra_flags if not f.startswith("-") or len(f) < 2]
+    if bad:
+        raise QeffError(f"extra compiler flag {bad[0]!r} does not start with '-'", "e.g. --flag=-aic-perf-metrics")
     if len(set(options.devices)) != len(options.devices) or any(d < 0 for d in options.devices):
         raise QeffError(f"--devices {','.join(map(str, options.devices))}: each device id once, none negative",
                         "e.g. --devices 0,1,2,3")

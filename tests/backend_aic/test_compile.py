@@ -62,9 +62,27 @@ def test_kv_model(models, tmp_path):
     assert files["custom_io.yaml"].startswith(" - IOName: past_key.0\n   Precision: float16\n\n"
                                               " - IOName: past_key.0_RetainedState\n")
     _, named = _dry(models["kv"], tmp_path / "named", specializations_format="named")
-    assert json.loads(named["specializations.json"]) == {"specializations": [
-        {"name": "Prefill", "symbols": {"batch_size": "1", "seq_len": "32", "ctx_len": "128"}},
-        {"name": "Decode", "symbols": {"batch_size": "1", "seq_len": "1", "ctx_len": "128"}}]}
+    assert named["specializations.json"] == """{
+  "specializations": [
+    {
+      "name": "Prefill",
+      "symbols": {
+        "batch_size": "1",
+        "seq_len": "32",
+        "ctx_len": "128"
+      }
+    },
+    {
+      "name": "Decode",
+      "symbols": {
+        "batch_size": "1",
+        "seq_len": "1",
+        "ctx_len": "128"
+      }
+    }
+  ]
+}
+"""
 
 
 def test_continuous_batching_model(models, tmp_path):
@@ -74,9 +92,23 @@ def test_continuous_batching_model(models, tmp_path):
         "-convert-to-fp16 -aic-num-cores=14 -mos=1 -aic-enable-depth-first "
         "-network-specialization-config=<dir>/specializations.json "
         "-custom-IO-list-file=<dir>/custom_io.yaml -aic-binary-dir=<dir>/qpc")
-    assert json.loads(files["specializations.json"]) == {"specializations": [
-        {"batch_size": "1", "seq_len": "16", "ctx_len": "128", "full_batch_size": "4"},
-        {"batch_size": "4", "seq_len": "1", "ctx_len": "128", "full_batch_size": "4"}]}
+    assert files["specializations.json"] == """{
+  "specializations": [
+    {
+      "batch_size": "1",
+      "seq_len": "16",
+      "ctx_len": "128",
+      "full_batch_size": "4"
+    },
+    {
+      "batch_size": "4",
+      "seq_len": "1",
+      "ctx_len": "128",
+      "full_batch_size": "4"
+    }
+  ]
+}
+"""
     assert files["custom_io.yaml"] == _KV_IO.format(p="float16")
 
 
@@ -100,6 +132,11 @@ def test_four_device_compile(models, tmp_path):
         "-convert-to-fp16 -aic-num-cores=16 -mdp-load-partition-config=<dir>/mdp_ts_4.json "
         "-network-specialization-config=<dir>/specializations.json "
         "-custom-IO-list-file=<dir>/custom_io.yaml -aic-binary-dir=<dir>/qpc")
+    devices = ",\n".join(f'        {{\n          "deviceId": {d},\n          "numCores": 16\n        }}' for d in range(4))
+    assert files["mdp_ts_4.json"] == (
+        '{\n  "connections": [\n    {\n      "devices": [\n        0,\n        1,\n        2,\n        3\n'
+        '      ],\n      "type": "p2p"\n    }\n  ],\n  "partitions": [\n    {\n      "name": "Partition0",\n'
+        f'      "devices": [\n{devices}\n      ]\n    }}\n  ]\n}}\n')
     assert json.loads(files["mdp_ts_4.json"]) == {
         "connections": [{"devices": [0, 1, 2, 3], "type": "p2p"}],
         "partitions": [{"name": "Partition0", "devices": [{"deviceId": d, "numCores": 16} for d in range(4)]}]}
@@ -189,6 +226,7 @@ def test_no_compiler_names_every_path_and_suggests_dry_run(models, tmp_path, mon
     ("unwritable", "cannot write the compile folder"),
     ("prefill", "longer than the cache"),
     ("cb", "continuous batching"),
+    ("flag", "does not start with '-'"),
 ])
 def test_clear_errors(models, tmp_path, case, message):
     blocker = tmp_path / "file"
@@ -202,6 +240,8 @@ def test_clear_errors(models, tmp_path, case, message):
         options = CompileOptions(dry_run=True, prefill_len=256)
     elif case == "cb":
         options = CompileOptions(dry_run=True, full_batch_size=4)
+    elif case == "flag":
+        options = CompileOptions(dry_run=True, extra_flags=("mos=2",))
     with pytest.raises(QeffError, match=message):
         compile_model(model, folder, options)
 
