@@ -335,12 +335,76 @@ def compile_command(
         console.print(f"compiled {result.qpc} in {result.seconds:.1f} s (log: {result.folder / 'compile.log'})")
 
 
+@app.command("run")
+def run_command(
+    model: Path = typer.Argument(..., help="a KV model (.onnx) or a compile folder / QPC for the card"),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="text to continue (repeat for a batch); needs --tokenizer"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="local tokenizer folder (tokenizer.json)"),
+    input_ids: Optional[list[str]] = typer.Option(None, "--input-ids", help="token ids instead of text, e.g. 5,9,3 (repeatable)"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="tokens to generate per prompt"),
+    prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="prefill chunk (default: the compiled one, else 32)"),
+    ctx_len: Optional[int] = typer.Option(None, "--ctx-len", help="cache length of an .onnx model (default: its manifest)"),
+    full_batch_size: Optional[int] = typer.Option(None, "--full-batch-size", help="continuous batching: cache rows"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; else sample"),
+    top_k: int = typer.Option(0, "--top-k", help="sample from the k most likely tokens (0: all)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="sample from the smallest set reaching this probability"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling"),
+    device_id: int = typer.Option(0, "--device-id", help="Cloud AI device for a QPC"),
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="also write the tokens and stats as JSON"),
+) -> None:
+    """Generate with a KV model on onnxruntime, or with a compiled QPC on the card; stream tokens and print the stats."""
+    import json as json_module
+
+    from qeff.runtime import generate
+    from qeff.runtime.run import load_tokenizer, open_session, parse_input_ids
+
+    if bool(prompt) == bool(input_ids):
+        raise QeffError("give --prompt (with --tokenizer) or --input-ids", "e.g. --input-ids 5,9,3")
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    if prompt and tok is None:
+        raise QeffError("--prompt needs --tokenizer DIR", "or pass token ids with --input-ids")
+    prompts = [tok.encode(p, add_special_tokens=False) for p in prompt] if prompt else [parse_input_ids(t) for t in input_ids]
+    if any(not p for p in prompts):
+        raise QeffError("a prompt encodes to no tokens", "use a longer prompt")
+    session = open_session(model, ctx_len=ctx_len, full_batch_size=full_batch_size, device_id=device_id)
+    eos = getattr(tok, "eos_token_id", None) if tok is not None else None
+    shown: dict[int, str] = {}
+
+    def stream(row: int, token: int) -> None:
+        if len(prompts) > 1:
+            return  # a batch is printed per prompt at the end
+        if tok is None:
+            console.print(f"{token} ", end="", highlight=False)
+            return
+        text = tok.decode(result_tokens[row] + [token], skip_special_tokens=True)
+        console.print(text[len(shown.get(row, "")):], end="", markup=False, highlight=False)
+        shown[row] = text
+        result_tokens[row].append(token)
+
+    result_tokens: list[list[int]] = [[] for _ in prompts]
+    with session:
+        result = generate(session, prompts, max_new_tokens, prefill_len=prefill_len, eos_token_id=eos,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stream=stream)
+    if len(prompts) == 1:
+        console.print()
+    else:
+        for i, tokens in enumerate(result.tokens):
+            text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else " ".join(map(str, tokens))
+            console.print(f"[{i}] {text}", markup=False, highlight=False)
+    st = result.stats
+    console.print(f"prompts {len(prompts)}, prompt tokens {st.prompt_tokens}, generated {st.generated_tokens}")
+    console.print(f"TTFT {st.ttft_s * 1000:.1f} ms · decode {st.decode_tokens_per_s:,.1f} tokens/s · "
+                  f"total {st.total_tokens_per_s:,.1f} tokens/s · end to end {st.e2e_s:.3f} s")
+    if stats_json is not None:
+        stats_json.write_text(json_module.dumps({"tokens": result.tokens, "stats": st.as_dict()}, indent=2) + "\n")
+
+
 @app.command("demo")
 def demo_command(
     arch: str = typer.Option("llama", "--arch", help="tiny architecture to build"),
     exporter: str = typer.Option("torchscript", "--exporter", help="dynamo or torchscript"),
     workdir: Path = typer.Option(Path("qeff-demo"), "--workdir", help="where the demo writes its files"),
-    passes: str = typer.Option("cleanup,fold,kv", "--passes", help="passes to run"),
+    passes: str = typer.Option("cleanup,fold,kv,fixed,fp16clip,mxfp6", "--passes", help="passes to run"),
     ctx_len: Optional[int] = typer.Option(
         None, "--ctx-len", help="cache length for the kv pass (default 64; only with a pass that takes it)"
     ),

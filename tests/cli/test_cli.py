@@ -255,7 +255,8 @@ def test_demo_runs_the_flow(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "console", Console(width=300))
     demo = tmp_path / "demo"
     code, out, err = invoke(
-        cli.main, ["demo", "--workdir", demo, "--arch", "gpt2", "--ctx-len", "32"], monkeypatch, capsys
+        cli.main, ["demo", "--workdir", demo, "--arch", "gpt2", "--ctx-len", "32", "--passes", "cleanup,fold,kv"],
+        monkeypatch, capsys
     )
     assert code == 0, err
     assert "verified in onnxruntime by greedy generation" in out
@@ -267,7 +268,7 @@ def test_demo_runs_the_flow(tmp_path, monkeypatch, capsys):
 
     # The generation table: recompute the reference here from the printed prompts, with the
     # original export, and compare it with what the demo printed for the KV model.
-    assert "greedy generation, 12 new tokens: KV model (ctx_len 32" in out
+    assert "greedy generation on the CPU, 12 new tokens: OrtSession + generate on the rewritten model in fp32 (ctx_len 32" in out
     rows = _table_rows(out, "generation")
     assert len(rows) == 2
     prompts = [[int(t) for t in row[1].split()] for row in rows]
@@ -278,15 +279,33 @@ def test_demo_runs_the_flow(tmp_path, monkeypatch, capsys):
     assert printed_kv == expected
     assert printed_ref == expected
     assert [row[4] for row in rows] == ["✓", "✓"]
-    steps = out.split("max abs logits difference per step (0 = prefill, worst prompt):")[1].splitlines()[0].split()
-    assert len(steps) == 12 and max(float(d) for d in steps) < 1e-4
-    assert "tokens/s" in out and "prefill 2 prompts in 2 chunks of 4:" in out
+    assert "tokens agree with the fp32 reference: 24/24" in out
+    assert "TTFT" in out and "tokens/s" in out and "KV bytes copied 0" in out
     # Last, a dry-run compile: the files and the command for the Cloud AI compiler.
     assert "5. dry-run compile: wrote custom_io.yaml, specializations.json" in out
     command = (demo / "compile" / "command.txt").read_text().strip()
     assert command in out and command.startswith("/opt/qti-aic/exec/qaic-compile -aic-hw -aic-hw-version=ai100 -m=")
     assert json.loads((demo / "compile" / "specializations.json").read_text())["specializations"][1] == {
         "batch_size": "1", "seq_len": "1", "ctx_len": "32"}
+
+
+def test_demo_default_pipeline(tmp_path, monkeypatch, capsys):
+    """The default demo: kv, fixed, fp16clip and mxfp6, verified and generated in fp16
+    simulation, then a dry-run compile with -mxfp6-matmul."""
+    pytest.importorskip("torch")
+    from rich.console import Console
+
+    monkeypatch.setattr(cli, "console", Console(width=300))
+    demo = tmp_path / "demo"
+    code, out, err = invoke(cli.main, ["demo", "--workdir", demo], monkeypatch, capsys)
+    assert code == 0, err
+    report = json.loads((demo / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "fold", "kv", "fixed", "fp16clip", "mxfp6"]
+    assert "3. verified in fp16 simulation by greedy generation" in out and "reported, not required" in out
+    assert "rewritten model in fp16 simulation, as the card computes" in out
+    assert "tokens agree with the fp32 reference:" in out and "KV bytes copied 0" in out
+    command = (demo / "compile" / "command.txt").read_text()
+    assert "-mxfp6-matmul" in command and "-convert-to-fp16" in command
 
 
 def test_demo_without_kv_skips_generation(tmp_path, monkeypatch, capsys):

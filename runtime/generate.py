@@ -1,0 +1,244 @@
+"""Text generation with any KV-cache Session (DESIGN §5).
+
+- Prefill is chunked and right-padded: each prompt goes in chunks of ``prefill_len`` tokens,
+  pads carry ``position_ids = -1`` (the model writes nothing for them and they see nothing).
+- Decoding is greedy, or sampled (``temperature``, ``top_k``, ``top_p``, ``seed``); a row stops
+  at ``eos_token_id`` or after ``max_new_tokens``; ``stream(row, token)`` sees every token as it
+  is chosen.
+- Several prompts run as one batch (all rows prefilled, then decoded together), or, for a model
+  with continuous batching (a ``batch_index`` input), through ``full_batch_size`` cache rows:
+  a queue of prompts larger than that is served slot by slot, each new prompt prefilled into the
+  row a finished one left.
+- Stats: time to first token (the first prefill), decode tokens/s, total tokens/s, end-to-end.
+"""
+
+from __future__ import annotations
+
+__all__ = ["GenerationResult", "GenerationStats", "generate", "Sampler"]
+
+import collections
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from qeff.errors import QeffError
+from qeff.runtime.session import Session
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    ttft_s: float = 0.0  # the first prompt's prefill, until its first token
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    e2e_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_tokens: int = 0  # tokens from decode steps (the first token of each prompt comes from prefill)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.e2e_s if self.e2e_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**dataclasses.asdict(self), "decode_tokens_per_s": self.decode_tokens_per_s,
+                "total_tokens_per_s": self.total_tokens_per_s}
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated tokens per prompt, in prompt order
+    stats: GenerationStats
+    finished_by_eos: list[bool]
+
+
+class Sampler:
+    """Greedy when ``temperature`` is 0, else softmax sampling with top-k and top-p filtering."""
+
+    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> None:
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise QeffError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0",
+                            "e.g. temperature=0.8, top_k=50, top_p=0.95")
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        scores = logits.astype(np.float64) / self.temperature
+        if self.top_k and self.top_k < scores.size:
+            cut = np.partition(scores, -self.top_k)[-self.top_k]
+            scores = np.where(scores < cut, -np.inf, scores)
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        if self.top_p < 1:
+            order = np.argsort(-probs, kind="stable")
+            keep = np.cumsum(probs[order]) - probs[order] < self.top_p  # the smallest set reaching top_p
+            mask = np.zeros_like(probs, dtype=bool)
+            mask[order[keep]] = True
+            probs = np.where(mask, probs, 0.0)
+            probs /= probs.sum()
+        return int(self.rng.choice(probs.size, p=probs))
+
+
+def _prefill_len(session: Session, requested: int | None) -> int:
+    if requested:
+        return requested
+    lengths = [s.get("seq_len") for s in session.specializations if s.get("seq_len")]
+    return max(lengths) if lengths else 32
+
+
+def generate(session: Session, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+             prefill_len: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             stream: Callable[[int, int], None] | None = None, reset: bool = True) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` tokens for each prompt (see the module docstring)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise QeffError("generate needs at least one prompt, each with at least one token")
+    if max_new_tokens < 1:
+        raise QeffError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    names = set(session.input_names)
+    if not {"input_ids", "position_ids"} <= names or not session.retained:
+        raise QeffError("generate needs a KV-cache model (input_ids, position_ids, past_* inputs)",
+                        "rewrite the model with qeff-opt --passes kv")
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    sampler = Sampler(temperature, top_k, top_p, seed)
+    chunk = _prefill_len(session, prefill_len)
+    if reset:
+        session.reset()
+    run = _Runner(session, chunk, sampler, eos, max_new_tokens, stream)
+    start = time.perf_counter()
+    if "batch_index" in names:
+        run.continuous(prompts)
+    else:
+        run.batch(prompts)
+    run.stats.e2e_s = time.perf_counter() - start
+    run.stats.prompt_tokens = sum(len(p) for p in prompts)
+    run.stats.generated_tokens = sum(len(t) for t in run.tokens)
+    return GenerationResult(run.tokens, run.stats, run.finished)
+
+
+class _Runner:
+    def __init__(self, session: Session, chunk: int, sampler: Sampler, eos: set[int], max_new: int,
+                 stream: Callable[[int, int], None] | None) -> None:
+        self.session, self.chunk, self.sampler, self.eos, self.max_new, self.stream = \
+            session, chunk, sampler, eos, max_new, stream
+        self.stats = GenerationStats()
+        self.tokens: list[list[int]] = []
+        self.finished: list[bool] = []
+
+    def _emit(self, prompt: int, token: int) -> bool:
+        """Record a token; True when that prompt is done."""
+        self.tokens[prompt].append(token)
+        if self.stream is not None:
+            self.stream(prompt, token)
+        if token in self.eos:
+            self.finished[prompt] = True
+            return True
+        return len(self.tokens[prompt]) >= self.max_new
+
+    def _call(self, ids: np.ndarray, pos: np.ndarray, batch_index: np.ndarray | None = None) -> np.ndarray:
+        feeds = {"input_ids": ids, "position_ids": pos}
+        if batch_index is not None:
+            feeds["batch_index"] = batch_index
+        return self.session.run(feeds)["logits"]
+
+    def _pick(self, logits: np.ndarray, row: int, index: int) -> int:
+        at = 0 if logits.shape[1] == 1 else index
+        return self.sampler(logits[row, at])
+
+    def _prefill(self, prompts: list[Sequence[int]], batch_index: np.ndarray | None = None) -> list[int]:
+        """Chunked prefill of ``prompts`` as one batch; returns each row's first token."""
+        b, longest = len(prompts), max(len(p) for p in prompts)
+        first: list[int | None] = [None] * b
+        for c in range(math.ceil(longest / self.chunk)):
+            ids = np.zeros((b, self.chunk), np.int64)
+            pos = np.full((b, self.chunk), -1, np.int64)
+            for r, p in enumerate(prompts):
+                part = list(p[c * self.chunk:(c + 1) * self.chunk])
+                ids[r, :len(part)] = part
+                pos[r, :len(part)] = np.arange(c * self.chunk, c * self.chunk + len(part))
+            logits = self._call(ids, pos, batch_index)
+            for r, p in enumerate(prompts):
+                if c * self.chunk < len(p) <= (c + 1) * self.chunk:
+                    first[r] = self._pick(logits, r, len(p) - 1 - c * self.chunk)
+        return [int(t) for t in first]
+
+    def batch(self, prompts: Sequence[Sequence[int]]) -> None:
+        b = len(prompts)
+        self.tokens, self.finished = [[] for _ in range(b)], [False] * b
+        started = time.perf_counter()
+        first = self._prefill(list(prompts))
+        self.stats.prefill_s = self.stats.ttft_s = time.perf_counter() - started
+        done = [self._emit(r, first[r]) for r in range(b)]
+        positions = [len(p) for p in prompts]
+        started = time.perf_counter()
+        while not all(done):
+            ids = np.zeros((b, 1), np.int64)
+            pos = np.full((b, 1), -1, np.int64)  # finished rows are pads: they change nothing
+            for r in range(b):
+                if not done[r]:
+                    ids[r, 0], pos[r, 0] = self.tokens[r][-1], positions[r]
+                    positions[r] += 1
+            logits = self._call(ids, pos)
+            for r in range(b):
+                if not done[r]:
+                    done[r] = self._emit(r, self._pick(logits, r, 0))
+                    self.stats.decode_tokens += 1
+        self.stats.decode_s = time.perf_counter() - started
+
+    def continuous(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Continuous batching: ``full_batch_size`` cache rows serve a queue of prompts."""
+        slots = _full_batch_size(self.session)
+        self.tokens, self.finished = [[] for _ in prompts], [False] * len(prompts)
+        queue = collections.deque(range(len(prompts)))
+        active: dict[int, int] = {}  # slot -> prompt
+        position: dict[int, int] = {}
+        started_all = time.perf_counter()
+
+        def admit(slot: int) -> None:
+            while queue:
+                prompt = queue.popleft()
+                t0 = time.perf_counter()
+                token = self._prefill([prompts[prompt]], np.array([[slot]], np.int64))[0]
+                self.stats.prefill_s += time.perf_counter() - t0
+                if not self.stats.ttft_s:
+                    self.stats.ttft_s = time.perf_counter() - started_all
+                if not self._emit(prompt, token):
+                    active[slot], position[slot] = prompt, len(prompts[prompt])
+                    return
+
+        for slot in range(slots):
+            admit(slot)
+        while active:
+            ids = np.zeros((slots, 1), np.int64)
+            pos = np.full((slots, 1), -1, np.int64)
+            for slot, prompt in active.items():
+                ids[slot, 0], pos[slot, 0] = self.tokens[prompt][-1], position[slot]
+            t0 = time.perf_counter()
+            logits = self._call(ids, pos, np.arange(slots, dtype=np.int64).reshape(-1, 1))
+            self.stats.decode_s += time.perf_counter() - t0
+            for slot, prompt in list(active.items()):
+                position[slot] += 1
+                self.stats.decode_tokens += 1
+                if self._emit(prompt, self._pick(logits, slot, 0)):
+                    del active[slot]
+                    admit(slot)
+
+
+def _full_batch_size(session: Session) -> int:
+    sizes = [s.get("full_batch_size") for s in session.specializations if s.get("full_batch_size")]
+    size = max(sizes) if sizes else getattr(session, "full_batch_size", None)
+    if not size:
+        spec = session.spec(next(iter(session.retained)))
+        size = spec.shape[0] if isinstance(spec.shape[0], int) else None
+    if not size:
+        raise QeffError("the model has continuous batching but its full batch size is unknown",
+                        "pass full_batch_size= to the session")
+    return int(size)
