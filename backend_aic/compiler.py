@@ -83,6 +83,11 @@ def build_command(compiler: Compiler, info: ModelInfo, o: ResolvedOptions, folde
     if o.mxfp6:
         cmd.append("-mxfp6-matmul")
     cmd.append(f"-aic-num-cores={o.num_cores}")
+    cmd.extend(f"-onnx-define-symbol={name},{value}" for name, value in o.define_symbols)
+    if o.multicast_weights:
+        cmd.append("-multicast-weights")
+    if o.stats_batchsize is not None:
+        cmd.append(f"-stats-batchsize={o.stats_batchsize}")
     if o.mos is not None:
         cmd.append(f"-mos={o.mos}")
     if o.ols is not None:

@@ -27,7 +27,7 @@ def specializations(info: ModelInfo, o: ResolvedOptions) -> list[dict[str, str]]
                       "full_batch_size": o.full_batch_size}
         chosen = [prefill, decode]
     else:
-        chosen = [{"batch_size": o.batch_size, "seq_len": o.prefill_len}]
+        return []  # a model without a KV cache fixes its symbols with -onnx-define-symbol
     unknown = sorted(symbols - set(chosen[0]))
     if unknown:
         raise QeffError(f"the model's inputs use symbols the compile cannot size: {', '.join(unknown)}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = ["CompileOptions", "ResolvedOptions", "resolve_options", "KV_PRECISIONS", "SPECIALIZATION_FORMATS"]
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from qeff.backend_aic.model_info import ModelInfo
@@ -37,6 +37,10 @@ class CompileOptions:
     dry_run: bool = False
     timeout: float | None = None
     convert_to_fp16: bool = True
+    # Models without a KV cache (encoders): each symbol is fixed with -onnx-define-symbol.
+    define_symbols: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    multicast_weights: bool = False
+    stats_batchsize: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +60,9 @@ class ResolvedOptions:
     extra_flags: tuple[str, ...]
     node_precision_info: Path | None
     convert_to_fp16: bool
+    define_symbols: tuple[tuple[str, int], ...]
+    multicast_weights: bool
+    stats_batchsize: int | None
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -108,6 +115,11 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
     mx = manifest.get("mx") or {}
     mxfp6 = options.mxfp6 if options.mxfp6 is not None else mx.get("compiler_flag") == "-mxfp6-matmul"
     npi = manifest.get("node_precision_info")
+    defines = _define_symbols(options, info) if not info.has_kv else ()
+    if info.has_kv and options.define_symbols:
+        raise QeffError("--define-symbol is for models without a KV cache; a KV model compiles specializations",
+                        "use --batch-size, --prefill-len and --ctx-len")
+    _positive("--stats-batchsize", options.stats_batchsize)
     return ResolvedOptions(
         num_cores=options.num_cores, batch_size=options.batch_size or 1, prefill_len=prefill,
         ctx_len=ctx, full_batch_size=full_batch if info.continuous_batching else None,
@@ -115,4 +127,27 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
         mxfp6=bool(mxfp6), kv_precision=options.kv_precision or kv_default,
         specializations_format=options.specializations_format, extra_flags=tuple(options.extra_flags),
         node_precision_info=(info.path.parent / npi) if npi else None, convert_to_fp16=options.convert_to_fp16,
+        define_symbols=defines, multicast_weights=options.multicast_weights, stats_batchsize=options.stats_batchsize,
     )
+
+
+def _define_symbols(options: CompileOptions, info: ModelInfo) -> tuple[tuple[str, int], ...]:
+    """A value for every symbol of a model without a KV cache: --batch-size sizes the batch
+    symbol (the first dim of the first input), --define-symbol the others."""
+    symbols = info.symbols()
+    values = dict(options.define_symbols)
+    for name, value in values.items():
+        if name not in symbols:
+            raise QeffError(f"--define-symbol {name}: the model has no symbol {name!r}",
+                            f"its symbols: {', '.join(sorted(symbols)) or 'none'}")
+        _positive(f"--define-symbol {name}", value)
+    first = next(iter(info.input_dims.values()), [])
+    batch = first[0] if first and isinstance(first[0], str) else None
+    if batch is not None and batch not in values:
+        values[batch] = options.batch_size or 1
+    missing = sorted(symbols - set(values))
+    if missing:
+        raise QeffError(f"no value for the model's symbol{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
+                        "add " + " ".join(f"--define-symbol {m}=N" for m in missing))
+    order = [d for dims in info.input_dims.values() for d in dims if isinstance(d, str)]
+    return tuple((name, values[name]) for name in dict.fromkeys(order))

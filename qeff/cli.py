@@ -250,9 +250,17 @@ def export_command(
         None, "--external-data/--no-external-data", help="weights in a .data file (default: when > 1 GiB)"
     ),
     check: bool = typer.Option(True, "--check/--no-check", help="compare onnxruntime with torch after export"),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="encoders (bert, roberta, xlm-roberta): base, qa, classification or embeddings"),
 ) -> None:
-    """Export a Hugging Face causal LM to plain ONNX (input_ids, attention_mask, position_ids → logits)."""
+    """Export a Hugging Face causal LM (input_ids, attention_mask, position_ids → logits) or an
+    encoder (--tiny bert|roberta|xlm-roberta, or a folder, with --task) to plain ONNX."""
     from qeff.errors import ExportError
+    from qeff.frontend.encoder import ENCODER_ARCHITECTURES
+
+    if task is not None or tiny in ENCODER_ARCHITECTURES or _is_encoder_folder(source):
+        _export_encoder(source, tiny, output, task or "base", seed, check)
+        return
 
     if exporter not in ("dynamo", "torchscript"):
         raise ExportError(f"unknown exporter {exporter!r}", "use --exporter dynamo or --exporter torchscript")
@@ -307,10 +315,14 @@ def compile_command(
     compiler: Optional[str] = typer.Option(None, "--compiler", help="compiler executable (default: $QAIC_COMPILER, then the SDK's)"),
     hw_version: Optional[str] = typer.Option(None, "--hw-version", help="hardware version (default ai100; 2.0 for qaic-exec)"),
     flag: Optional[list[str]] = typer.Option(None, "--flag", help="extra compiler flag, repeatable, e.g. --flag=-aic-perf-metrics"),
+    define_symbol: Optional[list[str]] = typer.Option(
+        None, "--define-symbol", help="models without a KV cache: NAME=VALUE for a symbol, repeatable (e.g. sequence_length=128)"),
+    multicast_weights: bool = typer.Option(False, "--multicast-weights", help="compiler -multicast-weights"),
+    stats_batchsize: Optional[int] = typer.Option(None, "--stats-batchsize", help="compiler -stats-batchsize"),
     dry_run: bool = typer.Option(False, "--dry-run", help="write the files and the command, do not compile"),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="stop the compiler after this many seconds"),
 ) -> None:
-    """Lower a rewritten model to the Cloud AI compiler: specializations, custom IO, multi-device, QPC."""
+    """Lower a rewritten model to the Cloud AI compiler: specializations or defined symbols, custom IO, multi-device, QPC."""
     from qeff.backend_aic import CompileOptions, compile_model
 
     device_ids: tuple[int, ...] = ()
@@ -319,7 +331,14 @@ def compile_command(
             device_ids = tuple(int(d) for d in devices.split(",") if d.strip())
         except ValueError:
             raise QeffError(f"--devices {devices}: not a list of numbers", "e.g. --devices 0,1") from None
+    defines: dict[str, int] = {}
+    for item in define_symbol or ():
+        name, _, value = item.partition("=")
+        if not name or not value.strip().isdigit():
+            raise QeffError(f"--define-symbol {item!r} is not NAME=VALUE", "e.g. --define-symbol sequence_length=128")
+        defines[name.strip()] = int(value)
     options = CompileOptions(
+        define_symbols=defines, multicast_weights=multicast_weights, stats_batchsize=stats_batchsize,
         num_cores=num_cores, batch_size=batch_size, prefill_len=prefill_len, ctx_len=ctx_len,
         full_batch_size=full_batch_size, devices=device_ids, mos=mos, ols=ols, depth_first=depth_first,
         mxfp6=mxfp6, kv_precision=kv_precision, specializations_format=specializations_format, compiler=compiler,
@@ -328,7 +347,8 @@ def compile_command(
     result = compile_model(model, output, options, console=console)
     console.print(result.command_text, soft_wrap=True, markup=False, highlight=False)
     if result.status == "dry-run":
-        console.print(f"dry run: wrote {', '.join(sorted(result.files.values()))} and command.txt to {result.folder}")
+        written = ", ".join([*sorted(result.files.values()), "command.txt"])
+        console.print(f"dry run: wrote {written} to {result.folder}")
     elif result.status == "cached":
         console.print(f"unchanged since the last compile (hash {result.hash}): kept {result.qpc}")
     else:
@@ -350,23 +370,39 @@ def run_command(
     top_p: float = typer.Option(1.0, "--top-p", help="sample from the smallest set reaching this probability"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling"),
     device_id: int = typer.Option(0, "--device-id", help="Cloud AI device for a QPC"),
-    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="also write the tokens and stats as JSON"),
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="also write the tokens and stats (encoders: the outputs) as JSON"),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", help="inputs, one per line (needs --tokenizer)"),
 ) -> None:
-    """Generate with a KV model on onnxruntime, or with a compiled QPC on the card; stream tokens and print the stats."""
+    """Generate with a KV model (onnxruntime, or a compiled QPC on the card), streaming tokens and
+    printing the stats; or run an encoder on a padded batch and print its outputs."""
     import json as json_module
 
     from qeff.runtime import generate
-    from qeff.runtime.run import load_tokenizer, open_session, parse_input_ids
+    from qeff.runtime.run import describe_outputs, encoder_batch, load_tokenizer, open_session, parse_input_ids
 
+    if text_file is not None:
+        if not text_file.is_file():
+            raise QeffError(f"--text-file {text_file} does not exist", "give a file with one input per line")
+        prompt = [line for line in text_file.read_text().splitlines() if line.strip()]
     if bool(prompt) == bool(input_ids):
-        raise QeffError("give --prompt (with --tokenizer) or --input-ids", "e.g. --input-ids 5,9,3")
+        raise QeffError("give --prompt or --text-file (with --tokenizer), or --input-ids", "e.g. --input-ids 5,9,3")
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     if prompt and tok is None:
-        raise QeffError("--prompt needs --tokenizer DIR", "or pass token ids with --input-ids")
+        raise QeffError("--prompt and --text-file need --tokenizer DIR", "or pass token ids with --input-ids")
+    session = open_session(model, ctx_len=ctx_len, full_batch_size=full_batch_size, device_id=device_id)
+    if not session.retained:  # an encoder: one batched call
+        prompts = [tok.encode(p) for p in prompt] if prompt else [parse_input_ids(t) for t in input_ids]
+        with session:
+            feeds = encoder_batch(session, prompts, pad_id=getattr(tok, "pad_token_id", None) or 0)
+            outputs = session.run(feeds)
+        for line in describe_outputs(outputs, feeds["attention_mask"]):
+            console.print(line, markup=False, highlight=False)
+        if stats_json is not None:
+            stats_json.write_text(json_module.dumps({k: v.tolist() for k, v in outputs.items()}) + "\n")
+        return
     prompts = [tok.encode(p, add_special_tokens=False) for p in prompt] if prompt else [parse_input_ids(t) for t in input_ids]
     if any(not p for p in prompts):
         raise QeffError("a prompt encodes to no tokens", "use a longer prompt")
-    session = open_session(model, ctx_len=ctx_len, full_batch_size=full_batch_size, device_id=device_id)
     eos = getattr(tok, "eos_token_id", None) if tok is not None else None
     shown: dict[int, str] = {}
 
@@ -399,6 +435,77 @@ def run_command(
         stats_json.write_text(json_module.dumps({"tokens": result.tokens, "stats": st.as_dict()}, indent=2) + "\n")
 
 
+def _is_encoder_folder(source: Optional[Path]) -> bool:
+    import json as json_module
+
+    config = source / "config.json" if source is not None else None
+    if config is None or not config.is_file():
+        return False
+    try:
+        return json_module.loads(config.read_text()).get("model_type") in ("bert", "roberta", "xlm-roberta")
+    except ValueError:
+        return False
+
+
+def _export_encoder(source: Optional[Path], tiny: Optional[str], output: Optional[Path], task: str, seed: int,
+                    check: bool) -> None:
+    from qeff.errors import ExportError
+    from qeff.frontend.encoder import build_tiny_encoder, export_encoder, load_encoder
+    from qeff.passes.model_io import check_output_path
+
+    if (source is None) == (tiny is None):
+        raise ExportError("give either a model folder or --tiny ARCH", "e.g. qeff export --tiny bert --task qa")
+    output = output or Path(f"{tiny or source.resolve().name}-{task}.onnx")
+    check_output_path(output)
+    model = build_tiny_encoder(tiny, task, seed) if tiny else load_encoder(source, task)
+    result = export_encoder(model, task, output, check=check)
+    console.print(f"exported {result.architecture} ({task}: {', '.join(result.outputs)}) with TorchScript, opset 17, "
+                  f"inputs {', '.join(result.inputs)} [batch_size, sequence_length], to {result.path} "
+                  f"in {result.seconds:.1f} s", markup=False)
+    if result.max_abs_diff is not None:
+        console.print(f"onnxruntime vs torch on a padded batch: max abs difference {result.max_abs_diff:.2e}")
+
+
+@app.command("bench")
+def bench_command(
+    model: Path = typer.Argument(..., help="a model without a KV cache (.onnx), e.g. an exported encoder"),
+    batch_size: str = typer.Option("1,4,8", "--batch-size", help="batch sizes, comma-separated"),
+    instances: str = typer.Option("1,2", "--instances", help="sessions running side by side, comma-separated"),
+    seq_len: int = typer.Option(128, "--seq-len", help="sequence length of the generated inputs"),
+    duration: float = typer.Option(2.0, "--duration", help="seconds per configuration"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the table as JSON"),
+) -> None:
+    """Inferences/s and latency percentiles on onnxruntime, per batch size and instance count."""
+    import dataclasses as dc
+    import json as json_module
+
+    from rich.table import Table
+
+    from qeff.runtime.throughput import bench_model
+
+    def numbers(text: str, what: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise QeffError(f"--{what} {text!r} is not a list of numbers", f"e.g. --{what} 1,4,8") from None
+        if not values:
+            raise QeffError(f"--{what} is empty", f"e.g. --{what} 1,4,8")
+        return values
+
+    rows = bench_model(model, numbers(batch_size, "batch-size"), numbers(instances, "instances"),
+                       seq_len=seq_len, duration=duration)
+    table = Table(title=f"qeff bench {model.name} (onnxruntime CPU, sequence length {seq_len})")
+    for column in ("batch", "instances", "inferences/s", "calls", "p50 ms", "p90 ms", "p99 ms"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(str(r.batch_size), str(r.instances), f"{r.inferences_per_s:,.1f}", str(r.calls),
+                      f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}")
+    console.print(table)
+    if json_path is not None:
+        json_path.write_text(json_module.dumps({"model": str(model), "seq_len": seq_len,
+                                                "rows": [dc.asdict(r) for r in rows]}, indent=2) + "\n")
+
+
 @app.command("demo")
 def demo_command(
     arch: str = typer.Option("llama", "--arch", help="tiny architecture to build"),
@@ -408,8 +515,15 @@ def demo_command(
     ctx_len: Optional[int] = typer.Option(
         None, "--ctx-len", help="cache length for the kv pass (default 64; only with a pass that takes it)"
     ),
+    encoder: bool = typer.Option(False, "--encoder", help="the encoder flow instead: tiny BERT for question answering"),
 ) -> None:
     """Build a tiny model, export it, rewrite it, verify it and generate with it: the whole flow on one screen."""
+    if encoder:
+        from qeff.demo_encoder import run_encoder_demo
+
+        run_encoder_demo(workdir=workdir if workdir != Path("qeff-demo") else Path("qeff-demo-encoder"),
+                         console=console)
+        return
     from qeff.demo import run_demo
 
     run_demo(arch=arch, exporter=exporter, workdir=workdir, passes=passes, ctx_len=ctx_len, console=console)

@@ -52,3 +52,44 @@ def parse_input_ids(text: str) -> list[int]:
     if not ids:
         raise QeffError("--input-ids is empty", "e.g. --input-ids 5,9,3")
     return ids
+
+
+def encoder_batch(session: Session, prompts: list[list[int]], pad_id: int = 0) -> dict[str, Any]:
+    """A right-padded batch for a model without a KV cache: input_ids, attention_mask and, when
+    the model takes them, zero token_type_ids."""
+    import numpy as np
+
+    longest = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), longest), pad_id, np.int64)
+    mask = np.zeros((len(prompts), longest), np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)], mask[r, :len(p)] = p, 1
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in session.input_names:
+        feeds["token_type_ids"] = np.zeros_like(ids)
+    unknown = [n for n in session.input_names if n not in feeds]
+    if unknown:
+        raise QeffError(f"the model takes inputs qeff run cannot fill: {', '.join(unknown)}",
+                        "run it from Python with Session.run")
+    return feeds
+
+
+def describe_outputs(outputs: dict[str, Any], mask: Any) -> list[str]:
+    """One line per output and row: the shape, and what a user reads off it."""
+    import numpy as np
+
+    lines = []
+    for name, array in outputs.items():
+        lines.append(f"{name} {tuple(array.shape)}")
+        for r in range(array.shape[0]):
+            row = array[r]
+            real = int(mask[r].sum())
+            if name in ("start_logits", "end_logits"):
+                lines.append(f"  [{r}] most likely position {int(np.argmax(row[:real]))}")
+            elif name == "logits" and row.ndim == 1:
+                lines.append(f"  [{r}] label {int(np.argmax(row))} (scores {np.round(row, 3).tolist()})")
+            elif row.ndim == 1:
+                lines.append(f"  [{r}] norm {float(np.linalg.norm(row)):.4f}, first {np.round(row[:4], 4).tolist()}")
+            else:
+                lines.append(f"  [{r}] {real} real positions, mean {float(row[:real].mean()):.4f}")
+    return lines

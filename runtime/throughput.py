@@ -1,0 +1,110 @@
+"""``qeff bench``: inferences per second and latency percentiles of a model without a KV cache.
+
+For each batch size and each number of instances, ``instances`` sessions run side by side, one
+thread each (onnxruntime releases the GIL while it computes; the CPU threads are split between
+the instances), every one calling ``run`` on the same random batch for ``duration`` seconds after
+a warm-up call. Reported per configuration: inferences/s (samples, i.e. batch rows, per second
+over all instances), calls, and the latency of one call at p50/p90/p99 — the numbers the card's
+throughput runs report, so CPU and card can be compared.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BenchRow", "bench_model", "encoder_feeds"]
+
+import concurrent.futures
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from qeff.errors import QeffError
+
+
+@dataclasses.dataclass
+class BenchRow:
+    batch_size: int
+    instances: int
+    calls: int
+    seconds: float
+    inferences_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+
+
+def encoder_feeds(names_types: Sequence[tuple[str, np.dtype, tuple]], batch: int, seq: int,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Random token ids, a full attention mask and zero token types for one batch."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, dtype, shape in names_types:
+        dims = [batch if i == 0 else (d if isinstance(d, int) else seq) for i, d in enumerate(shape)]
+        if name == "attention_mask":
+            feeds[name] = np.ones(dims, dtype)
+        elif name == "input_ids":
+            feeds[name] = rng.integers(3, 100, dims).astype(dtype)
+        else:
+            feeds[name] = np.zeros(dims, dtype)
+    return feeds
+
+
+def _sessions(model: Path, count: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // count)
+    return [ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"]) for _ in range(count)]
+
+
+def bench_model(model: str | os.PathLike, batch_sizes: Sequence[int], instances: Sequence[int], *,
+                seq_len: int = 128, duration: float = 2.0) -> list[BenchRow]:
+    path = Path(model)
+    if not path.is_file():
+        raise QeffError(f"model {path} does not exist", "give an .onnx file")
+    if any(b < 1 for b in batch_sizes) or any(n < 1 for n in instances) or duration <= 0:
+        raise QeffError("batch sizes and instances must be at least 1 and the duration positive",
+                        "e.g. --batch-size 1,4,8 --instances 1,2")
+    rows = []
+    for n in instances:
+        sessions = _sessions(path, n)
+        specs = [(i.name, np.dtype({"tensor(int64)": np.int64, "tensor(int32)": np.int32,
+                                    "tensor(float)": np.float32}.get(i.type, np.int64)), tuple(i.shape))
+                 for i in sessions[0].get_inputs()]
+        if any(name.startswith("past_") for name, _, _ in specs):
+            raise QeffError("qeff bench measures models without a KV cache (encoders)",
+                            "for a KV model use qeff run, which reports tokens/s")
+        for b in batch_sizes:
+            feeds = encoder_feeds(specs, b, seq_len)
+            rows.append(_measure(sessions, feeds, b, duration))
+    return rows
+
+
+def _measure(sessions: list, feeds: dict[str, np.ndarray], batch: int, duration: float) -> BenchRow:
+    for s in sessions:
+        s.run(None, feeds)  # warm-up: first-call allocations stay out of the numbers
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + duration
+
+    def worker(session) -> None:
+        local = []
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            session.run(None, feeds)
+            local.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(local)
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(sessions)) as pool:
+        list(pool.map(worker, sessions))
+    seconds = time.perf_counter() - start
+    ms = np.array(latencies) * 1e3
+    return BenchRow(batch, len(sessions), len(latencies), seconds, len(latencies) * batch / seconds,
+                    float(np.percentile(ms, 50)), float(np.percentile(ms, 90)), float(np.percentile(ms, 99)))
