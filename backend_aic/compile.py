@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qeff.backend_aic.compiler import Compiler, build_command, find_compiler
+from qeff.backend_aic.compiler import build_command, find_compiler
 from qeff.backend_aic.files import custom_io_yaml, mdp_json, specializations, specializations_json
 from qeff.backend_aic.model_info import read_model_info
 from qeff.backend_aic.options import CompileOptions, ResolvedOptions, resolve_options

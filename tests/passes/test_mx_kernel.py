@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import math
 from fractions import Fraction
 
 import numpy as np
