@@ -73,9 +73,9 @@ def _write_files(folder: Path, info: Any, o: ResolvedOptions) -> tuple[dict[str,
     if specs and specs[0]:
         names["specializations"] = "specializations.json"
         texts["specializations.json"] = specializations_json(specs, o.specializations_format)
-    if info.has_kv:
+    if info.has_kv or o.custom_io:
         names["custom_io"] = "custom_io.yaml"
-        texts["custom_io.yaml"] = custom_io_yaml(info, o.kv_precision)
+        texts["custom_io.yaml"] = custom_io_yaml(info, o.kv_precision, o.custom_io)
     if len(o.devices) > 1:
         names["mdp"] = f"mdp_ts_{len(o.devices)}.json"
         texts[names["mdp"]] = mdp_json(len(o.devices), o.num_cores)

@@ -44,14 +44,17 @@ def specializations_json(specs: list[dict[str, str]], form: str) -> str:
     return json.dumps({"specializations": specs}, indent=2) + "\n"
 
 
-def custom_io_yaml(info: ModelInfo, precision: str) -> str:
-    """Every KV input and its retained-state output, in layer order."""
-    lines = []
+def custom_io_yaml(info: ModelInfo, precision: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    """Every KV input and its retained-state output, in layer order, at ``precision``; then the
+    names in ``extra`` (which also override a KV entry's precision)."""
+    chosen = dict(extra)
+    entries = []
     for name in info.kv_inputs:
         for io_name in (name, f"{name}_RetainedState"):
             if io_name == name or io_name in info.retained_outputs:
-                lines.append(f" - IOName: {io_name}\n   Precision: {precision}\n\n")
-    return "".join(lines)
+                entries.append((io_name, chosen.pop(io_name, precision)))
+    entries.extend(chosen.items())
+    return "".join(f" - IOName: {name}\n   Precision: {p}\n\n" for name, p in entries)
 
 
 def mdp_json(devices: int, num_cores: int) -> str:

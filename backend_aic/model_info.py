@@ -26,6 +26,7 @@ class ModelInfo:
     retained_outputs: list[str]  # the matching _RetainedState outputs
     input_dims: dict[str, list[int | str | None]]
     continuous_batching: bool
+    output_names: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def has_kv(self) -> bool:
@@ -69,4 +70,4 @@ def read_model_info(model: str | os.PathLike) -> ModelInfo:
     outputs = {v.name for v in graph.outputs}
     retained = [f"{name}_RetainedState" for name in past if f"{name}_RetainedState" in outputs]
     return ModelInfo(path=path, manifest=manifest, kv_inputs=past, retained_outputs=retained, input_dims=dims,
-                     continuous_batching="batch_index" in dims)
+                     continuous_batching="batch_index" in dims, output_names=[v.name for v in graph.outputs])

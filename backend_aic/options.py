@@ -41,6 +41,8 @@ class CompileOptions:
     define_symbols: Mapping[str, int] = dataclasses.field(default_factory=dict)
     multicast_weights: bool = False
     stats_batchsize: int | None = None
+    # Precision of named inputs/outputs on the card (custom_io.yaml), on top of the KV cache's.
+    custom_io: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,7 @@ class ResolvedOptions:
     define_symbols: tuple[tuple[str, int], ...]
     multicast_weights: bool
     stats_batchsize: int | None
+    custom_io: tuple[tuple[str, str], ...]
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -120,6 +123,13 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
         raise QeffError("--define-symbol is for models without a KV cache; a KV model compiles specializations",
                         "use --batch-size, --prefill-len and --ctx-len")
     _positive("--stats-batchsize", options.stats_batchsize)
+    names = set(info.input_dims) | set(info.output_names)
+    for name, precision in options.custom_io.items():
+        if name not in names:
+            raise QeffError(f"--custom-io {name}: the model has no input or output {name!r}",
+                            f"its I/O: {', '.join(sorted(names))}")
+        if precision not in KV_PRECISIONS:
+            raise QeffError(f"--custom-io {name}={precision}: unknown precision", f"choose one of {', '.join(KV_PRECISIONS)}")
     return ResolvedOptions(
         num_cores=options.num_cores, batch_size=options.batch_size or 1, prefill_len=prefill,
         ctx_len=ctx, full_batch_size=full_batch if info.continuous_batching else None,
@@ -128,6 +138,7 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
         specializations_format=options.specializations_format, extra_flags=tuple(options.extra_flags),
         node_precision_info=(info.path.parent / npi) if npi else None, convert_to_fp16=options.convert_to_fp16,
         define_symbols=defines, multicast_weights=options.multicast_weights, stats_batchsize=options.stats_batchsize,
+        custom_io=tuple(options.custom_io.items()),
     )
 
 

@@ -318,6 +318,8 @@ def compile_command(
     define_symbol: Optional[list[str]] = typer.Option(
         None, "--define-symbol", help="models without a KV cache: NAME=VALUE for a symbol, repeatable (e.g. sequence_length=128)"),
     multicast_weights: bool = typer.Option(False, "--multicast-weights", help="compiler -multicast-weights"),
+    custom_io: Optional[list[str]] = typer.Option(
+        None, "--custom-io", help="NAME=PRECISION (float16, bfloat16, mxint8) for an input or output, repeatable"),
     stats_batchsize: Optional[int] = typer.Option(None, "--stats-batchsize", help="compiler -stats-batchsize"),
     dry_run: bool = typer.Option(False, "--dry-run", help="write the files and the command, do not compile"),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="stop the compiler after this many seconds"),
@@ -337,8 +339,14 @@ def compile_command(
         if not name or not value.strip().isdigit():
             raise QeffError(f"--define-symbol {item!r} is not NAME=VALUE", "e.g. --define-symbol sequence_length=128")
         defines[name.strip()] = int(value)
+    io: dict[str, str] = {}
+    for item in custom_io or ():
+        name, _, precision = item.partition("=")
+        if not name or not precision:
+            raise QeffError(f"--custom-io {item!r} is not NAME=PRECISION", "e.g. --custom-io logits=float16")
+        io[name.strip()] = precision.strip()
     options = CompileOptions(
-        define_symbols=defines, multicast_weights=multicast_weights, stats_batchsize=stats_batchsize,
+        custom_io=io, define_symbols=defines, multicast_weights=multicast_weights, stats_batchsize=stats_batchsize,
         num_cores=num_cores, batch_size=batch_size, prefill_len=prefill_len, ctx_len=ctx_len,
         full_batch_size=full_batch_size, devices=device_ids, mos=mos, ols=ols, depth_first=depth_first,
         mxfp6=mxfp6, kv_precision=kv_precision, specializations_format=specializations_format, compiler=compiler,

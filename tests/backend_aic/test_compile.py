@@ -275,3 +275,15 @@ def test_node_precision_yaml_from_fp16clip(tmp_path, standin):
         "-aic-num-cores=16", f"-node-precision-info={folder}/node_precision_info.yaml", f"-aic-binary-dir={folder}/qpc"]
     assert (tmp_path / "out" / "node_precision_info.yaml").read_text() == "FP32NodeInstanceNames:\n  - sq\n"
     assert result.status == "compiled"
+
+
+def test_custom_io_on_request(models, tmp_path):
+    """--custom-io adds entries (and overrides a KV entry's precision); unknown names and
+    precisions are refused."""
+    command, files = _dry(models["kv"], tmp_path / "io", custom_io={"past_key.0": "mxint8", "logits": "float16"})
+    assert files["custom_io.yaml"].startswith(" - IOName: past_key.0\n   Precision: mxint8\n\n"
+                                              " - IOName: past_key.0_RetainedState\n   Precision: float16\n\n")
+    assert files["custom_io.yaml"].endswith(" - IOName: logits\n   Precision: float16\n\n")
+    for bad, message in [({"nope": "float16"}, "no input or output 'nope'"), ({"logits": "int4"}, "unknown precision")]:
+        with pytest.raises(QeffError, match=message):
+            compile_model(models["kv"], tmp_path / "bad", CompileOptions(dry_run=True, custom_io=bad))
