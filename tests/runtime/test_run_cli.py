@@ -60,7 +60,7 @@ def test_input_ids_batch(tiny_export, kv_model, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--prompt", "w5 w6"], "--prompt needs --tokenizer"),
+    (["--prompt", "w5 w6"], "need --tokenizer"),
     ([], "give --prompt"),
     (["--input-ids", "5,x"], "not a list of integers"),
     (["--input-ids", "5", "--temperature", "-1"], "temperature"),
