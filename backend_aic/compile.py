@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from qeff.backend_aic.compiler import build_command, find_compiler
-from qeff.backend_aic.files import custom_io_yaml, mdp_json, specializations, specializations_json
+from qeff.backend_aic.files import (
+    CUSTOM_IO_NAME,
+    SPECIALIZATIONS_NAME,
+    custom_io_yaml,
+    mdp_json,
+    specializations,
+    specializations_json,
+)
 from qeff.backend_aic.model_info import read_model_info
 from qeff.backend_aic.options import CompileOptions, ResolvedOptions, resolve_options
 from qeff.errors import QeffError
@@ -71,11 +78,11 @@ def _write_files(folder: Path, info: Any, o: ResolvedOptions) -> tuple[dict[str,
     texts: dict[str, str] = {}
     specs = specializations(info, o)
     if specs and specs[0]:
-        names["specializations"] = "specializations.json"
-        texts["specializations.json"] = specializations_json(specs, o.specializations_format)
+        names["specializations"] = SPECIALIZATIONS_NAME
+        texts[SPECIALIZATIONS_NAME] = specializations_json(specs, o.specializations_format)
     if info.has_kv or o.custom_io:
-        names["custom_io"] = "custom_io.yaml"
-        texts["custom_io.yaml"] = custom_io_yaml(info, o.kv_precision, o.custom_io)
+        names["custom_io"] = CUSTOM_IO_NAME
+        texts[CUSTOM_IO_NAME] = custom_io_yaml(info, o.kv_precision, o.custom_io)
     if len(o.devices) > 1:
         names["mdp"] = f"mdp_ts_{len(o.devices)}.json"
         texts[names["mdp"]] = mdp_json(len(o.devices), o.num_cores)

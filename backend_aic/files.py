@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["specializations", "specializations_json", "custom_io_yaml", "mdp_json"]
+__all__ = ["specializations", "specializations_json", "custom_io_yaml", "mdp_json", "SPECIALIZATIONS_NAME",
+           "CUSTOM_IO_NAME"]
 
 import json
 
@@ -10,6 +11,9 @@ from qeff.backend_aic.model_info import ModelInfo
 from qeff.backend_aic.options import ResolvedOptions
 from qeff.errors import QeffError
 
+# The names the compile folder gives these files; the runtime reads them back.
+SPECIALIZATIONS_NAME = "specializations.json"
+CUSTOM_IO_NAME = "custom_io.yaml"
 _NAMES = ("Prefill", "Decode")
 
 

@@ -7,15 +7,15 @@ __all__ = ["ModelInfo", "read_model_info"]
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
 from qeff.errors import QeffError
+from qeff.passes.kv_builder import cache_inputs_in_layer_order
+from qeff.passes.manifest import manifest_path
 
-_PAST = re.compile(r"past_(key|value)\.(\d+)$")
 
 
 @dataclasses.dataclass
@@ -41,17 +41,12 @@ class ModelInfo:
         return {d for dims in self.input_dims.values() for d in dims if isinstance(d, str)}
 
 
-def _manifest_path(model: Path) -> Path:
-    stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
-    return model.with_name(f"{stem}.qeff.json")
-
-
 def read_model_info(model: str | os.PathLike) -> ModelInfo:
     """Read the graph's interface (no weight is read) and the manifest beside it, if any."""
     path = Path(model)
     if not path.is_file():
         raise QeffError(f"model {path} does not exist", "give the .onnx that qeff-opt wrote")
-    manifest_file = _manifest_path(path)
+    manifest_file = manifest_path(path)
     manifest: dict[str, Any] = {}
     if manifest_file.is_file():
         try:
@@ -65,8 +60,7 @@ def read_model_info(model: str | os.PathLike) -> ModelInfo:
         raise QeffError(f"cannot read {path.name} as ONNX: {e}", "give the .onnx that qeff-opt wrote") from None
     dims = {v.name: [d if isinstance(d, int) else (d.value if d is not None else None) for d in v.shape]
             if v.shape is not None else [] for v in graph.inputs}
-    past = sorted((v.name for v in graph.inputs if _PAST.match(v.name or "")),
-                  key=lambda n: (int(_PAST.match(n).group(2)), _PAST.match(n).group(1) != "key"))
+    past = cache_inputs_in_layer_order(v.name for v in graph.inputs)
     outputs = {v.name for v in graph.outputs}
     retained = [f"{name}_RetainedState" for name in past if f"{name}_RetainedState" in outputs]
     return ModelInfo(path=path, manifest=manifest, kv_inputs=past, retained_outputs=retained, input_dims=dims,

@@ -33,6 +33,7 @@ Exit code: 0 even when a target is missed (1 with ``--strict``); 2 when somethin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -482,15 +484,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.workdir is None:
-        workdir = Path(tempfile.mkdtemp(prefix="qeff-bench-io-"))
-        remove = not args.keep
+@contextlib.contextmanager
+def work_folder(workdir: Path | None, keep: bool, prefix: str) -> Iterator[Path]:
+    """``workdir`` (created if needed, never removed), else a fresh temporary folder that is
+    removed at the end unless ``keep`` (then its path is printed). The benchmarks share it."""
+    if workdir is not None:
+        folder = workdir.resolve()
+        folder.mkdir(parents=True, exist_ok=True)
     else:
-        workdir = args.workdir.resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-        remove = False
+        folder = Path(tempfile.mkdtemp(prefix=prefix))
     try:
+        yield folder
+    finally:
+        if workdir is None and not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif workdir is None:
+            print(f"kept {folder}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with work_folder(args.workdir, args.keep, "qeff-bench-io-") as workdir:
         model_dir, copy_dir, out_dir = workdir / "model", workdir / "copy", workdir / "out"
         for d in (copy_dir, out_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -547,11 +560,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         results["pass"] = results["targets"]["ratio_pass"] and results["targets"]["peak_rss_pass"]
         return results
-    finally:
-        if remove:
-            shutil.rmtree(workdir, ignore_errors=True)
-        elif args.workdir is None:
-            print(f"kept {workdir}")
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -38,7 +38,6 @@ import gc
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,9 @@ from typing import Any
 import onnx_ir as ir
 
 from qeff.errors import QeffError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_io import work_folder  # noqa: E402  (the benchmarks' shared work-folder handling)
 
 AIM_PASS_S = 2.0
 MODEL_NAME = "model.onnx"
@@ -154,14 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from qeff.passes.kv_runner import verify_kv_model
 
-    if args.workdir is None:
-        workdir = Path(tempfile.mkdtemp(prefix="qeff-bench-kv-"))
-        remove = not args.keep
-    else:
-        workdir = args.workdir.resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-        remove = False
-    try:
+    with work_folder(args.workdir, args.keep, "qeff-bench-kv-") as workdir:
         model_dir, kv_dir, plain_dir = workdir / "model", workdir / "kv", workdir / "plain"
         _clear(model_dir)
         print(f"exporting a {args.layers}-layer Llama (hidden 64, 4 heads, 2 KV heads) to {model_dir} ...", flush=True)
@@ -213,11 +208,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "passed": verification["passed"],
             },
         }
-    finally:
-        if remove:
-            shutil.rmtree(workdir, ignore_errors=True)
-        elif args.workdir is None:
-            print(f"kept {workdir}")
 
 
 def print_table(r: dict[str, Any]) -> None:

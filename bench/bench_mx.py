@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -119,7 +117,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qeff-bench-mx-"))
     try:
         results: dict[str, Any] = {"kernel": bench_kernel(args.size, args.repeat)}
         for axis in ("axis-1", "axis0"):
@@ -127,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kernel {axis:7s}: C {r['kernel_gbs']:.2f} GB/s, NumPy {r['numpy_gbs']:.3f} GB/s, "
                   f"ratio {r['ratio']:.1f}x")
         if args.size_gb > 0:
-            results["pass"] = bench_pass(args.size_gb, args.repeat, workdir)
+            with bench_io.work_folder(args.workdir, False, "qeff-bench-mx-") as workdir:
+                results["pass"] = bench_pass(args.size_gb, args.repeat, workdir)
             r = results["pass"]
             print(f"mxfp6 on {r['model_gb']:.2f} GB: {r['mxfp6_s']:.2f} s vs copy {r['copy_s']:.2f} s = "
                   f"{r['ratio']:.2f}x (target <= {TARGET_PASS_RATIO}), peak RSS {r['peak_rss_gb']:.3f} GB "
@@ -135,9 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"bench_mx: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
     targets = [v for part in results.values() for k, v in part["targets"].items() if k.endswith("_pass")]
     results["all_targets_met"] = all(targets)
     print("targets met" if all(targets) else "a target was missed")

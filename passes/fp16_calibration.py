@@ -29,7 +29,7 @@ import onnx_ir as ir
 from qeff.errors import PassOptionError
 from qeff.passes.fp16_masks import FP16_MAX, SAFE_FILL
 from qeff.passes.fp16sim import expose_float32_values
-from qeff.passes.graph_edit import add_initializer
+from qeff.passes.graph_edit import add_initializer, reroute_uses
 from qeff.passes.verify import onnxruntime_session
 
 logger = logging.getLogger(__name__)
@@ -186,8 +186,7 @@ def clamp(graph: ir.Graph, names: Sequence[str]) -> list[str]:
         clip.outputs[0].dtype, clip.outputs[0].shape = value.dtype, value.shape
         graph.insert_after(value.producer(), clip)
         out = clip.outputs[0]
-        ir.convenience.replace_all_uses_with(value, out, replace_graph_outputs=True)
-        clip.replace_input_with(0, value)
+        reroute_uses(value, out, clip, 0)
         if out in graph.outputs:  # the interface keeps the name, for the clamped value
             value.name, out.name = f"{name}__unclamped", name
         else:

@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qeff.passes.graph_edit import add_initializer
+from qeff.passes.graph_edit import add_initializer, reroute_uses
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ def rewrite_additive_masks(graph: ir.Graph) -> list[str]:
         graph.insert_after(node, new)
         select.outputs[0].dtype, select.outputs[0].shape = out.dtype, out.shape
         name = out.name
-        ir.convenience.replace_all_uses_with(out, select.outputs[0], replace_graph_outputs=True)
-        select.replace_input_with(2, out)  # the replacement above also rewired the select itself
+        reroute_uses(out, select.outputs[0], select, 2)
         out.name, select.outputs[0].name = f"{name}/unmasked", name
         rewritten.append(node.name or name)
     return rewritten

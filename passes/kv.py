@@ -6,7 +6,6 @@ __all__ = ["KVPass", "KVOptions"]
 
 import dataclasses
 import logging
-import re
 from typing import Any, Literal
 
 import numpy as np
@@ -25,11 +24,10 @@ from qeff.passes.attention import (
     rejected_candidates,
 )
 from qeff.passes.base import QeffPass
-from qeff.passes.kv_builder import KVGraphBuilder
+from qeff.passes.kv_builder import CACHE_INPUT, KVGraphBuilder
 
 logger = logging.getLogger(__name__)
 
-_STATIC_CACHE_INPUT = re.compile(r"^past_(key|value)\.\d+$")
 # Ops between the lm_head MatMul and the logits output that act on each token on its own.
 _PER_TOKEN_OPS = {"Cast", "Identity", "Tanh"}
 _PER_TOKEN_BINARY = {"Add", "Sub", "Mul", "Div"}
@@ -173,7 +171,7 @@ def _fail(message: str, hint: str | None = None) -> UnsupportedGraphError:
 
 
 def _refuse_static_cache(graph: ir.Graph) -> None:
-    names = [v.name for v in graph.inputs if v.name and _STATIC_CACHE_INPUT.match(v.name)]
+    names = [v.name for v in graph.inputs if v.name and CACHE_INPUT.match(v.name)]
     names += [v.name for v in graph.outputs if v.name and v.name.endswith("_RetainedState")]
     inputs = {id(v) for v in graph.inputs}
     for node in graph:

@@ -19,7 +19,10 @@ Design points (why the graph looks the way it does):
 
 from __future__ import annotations
 
-__all__ = ["KVGraphBuilder"]
+__all__ = ["KVGraphBuilder", "CACHE_INPUT", "cache_inputs_in_layer_order"]
+
+import re
+from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -27,6 +30,15 @@ import onnx_ir as ir
 from qeff.passes.graph_edit import add_initializer
 
 _INT64 = ir.DataType.INT64
+
+# The cache inputs of a KV model (DESIGN §3.1); each has a ``<name>_RetainedState`` output.
+CACHE_INPUT = re.compile(r"^past_(key|value)\.(\d+)$")
+
+
+def cache_inputs_in_layer_order(names: Iterable[str | None]) -> list[str]:
+    """The cache input names among ``names``: past_key.0, past_value.0, past_key.1, …"""
+    found = [n for n in names if n and CACHE_INPUT.match(n)]
+    return sorted(found, key=lambda n: (int(CACHE_INPUT.match(n).group(2)), CACHE_INPUT.match(n).group(1) != "key"))
 
 
 class KVGraphBuilder:

@@ -15,7 +15,6 @@ __all__ = ["KVRunner", "Generation", "greedy_reference", "logits_differences", "
 import dataclasses
 import math
 import os
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from qeff.errors import QeffError, UnsupportedGraphError
+from qeff.passes.kv_builder import cache_inputs_in_layer_order
 
-_PAST = re.compile(r"^past_(key|value)\.(\d+)$")
 
 
 def _session(model: str | os.PathLike | bytes):
@@ -56,8 +55,7 @@ class KVRunner:
         inputs = {i.name: i for i in self.session.get_inputs()}
         if "input_ids" not in inputs or "position_ids" not in inputs:
             raise UnsupportedGraphError("not a KV-cache model: input_ids/position_ids inputs missing")
-        self.past_names = sorted((n for n in inputs if _PAST.match(n)),
-                                 key=lambda n: (int(_PAST.match(n).group(2)), _PAST.match(n).group(1) != "key"))
+        self.past_names = cache_inputs_in_layer_order(inputs)
         if not self.past_names:
             raise UnsupportedGraphError("not a KV-cache model: no past_key.{i}/past_value.{i} inputs",
                                         "run the kv pass first")

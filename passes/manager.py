@@ -204,18 +204,24 @@ FP32_TOLERANCE = 1e-4  # max abs difference
 FP16_TOLERANCE = 1e-2  # relative to the reference's largest value
 
 
+def fp16_simulation_keep(pipeline: Sequence[QeffPass]) -> list[str] | None:
+    """When a pass prepared the model for fp16 compute: the values every such pass keeps in
+    fp32 (what the fp16 simulation must not round). None when no pass did."""
+    keeps = [k for p in pipeline if (k := p.fp16_simulation()) is not None]
+    return [name for keep in keeps for name in keep] if keeps else None
+
+
 def _verify(
     pipeline: Sequence[QeffPass], reference: Path, candidate: Path, tolerance: float | None, scratch: Path
 ) -> dict[str, Any]:
     """The last pass that knows how to drive the rewritten model verifies; else the generic check.
     A pipeline that prepares the model for fp16 verifies its fp16 simulation."""
-
-    keeps = [k for p in pipeline if (k := p.fp16_simulation()) is not None]
-    fp16 = bool(keeps)
+    keep = fp16_simulation_keep(pipeline)
+    fp16 = keep is not None
     lossy = tolerance is None and any(p.lossy for p in pipeline)
     if tolerance is None:
         tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
-    summary = _compare(pipeline, reference, candidate, tolerance, scratch, keeps)
+    summary = _compare(pipeline, reference, candidate, tolerance, scratch, keep)
     if lossy:
         # Quantization changes the numbers by design: report them, fail only when they break.
         summary["lossy"] = True
@@ -224,17 +230,17 @@ def _verify(
 
 
 def _compare(pipeline: Sequence[QeffPass], reference: Path, candidate: Path, tolerance: float, scratch: Path,
-             keeps: list[tuple[str, ...]]) -> dict[str, Any]:
+             keep: list[str] | None) -> dict[str, Any]:
     from qeff.passes.verify import verify_models
 
-    fp16 = bool(keeps)
+    fp16 = keep is not None
     if fp16:
         import onnx
 
         from qeff.passes.fp16sim import simulate_fp16
 
         simulated = scratch / "candidate.fp16-simulation.onnx"
-        onnx.save(simulate_fp16(candidate, keep_fp32=[n for k in keeps for n in k]), simulated)
+        onnx.save(simulate_fp16(candidate, keep_fp32=keep), simulated)
         candidate = simulated
     for p in reversed(pipeline):
         summary = p.verify(reference, candidate, tolerance, fp16=fp16)

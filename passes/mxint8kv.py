@@ -7,7 +7,6 @@ __all__ = ["MXINT8KVPass", "MXINT8KVOptions", "mxint8_qdq"]
 import dataclasses
 import logging
 import math
-import re
 from typing import Any, Literal
 
 import numpy as np
@@ -15,11 +14,11 @@ import onnx_ir as ir
 
 from qeff.errors import UnsupportedGraphError
 from qeff.passes.base import QeffPass
-from qeff.passes.graph_edit import add_initializer
+from qeff.passes.graph_edit import add_initializer, reroute_uses
+from qeff.passes.kv_builder import CACHE_INPUT, cache_inputs_in_layer_order
 
 logger = logging.getLogger(__name__)
 
-_PAST = re.compile(r"past_(key|value)\.(\d+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +54,7 @@ class MXINT8KVPass(QeffPass):
         writes = []
         for node in graph:
             data = node.inputs[0] if node.op_type == "ScatterND" and node.inputs else None
-            if data is not None and data in graph.inputs and _PAST.match(data.name or ""):
+            if data is not None and data in graph.inputs and CACHE_INPUT.match(data.name or ""):
                 writes.append((node, data))
         if not writes:
             raise UnsupportedGraphError("mxint8kv: no cache write (ScatterND into past_key.{i}) found",
@@ -73,15 +72,14 @@ class MXINT8KVPass(QeffPass):
             graph.insert_after(node, nodes)
             quantized.dtype, quantized.shape = written.dtype, written.shape
             name = written.name
-            ir.convenience.replace_all_uses_with(written, quantized, replace_graph_outputs=True)
-            nodes[0].replace_input_with(0, written)  # the replacement rewired the QDQ's own input
+            reroute_uses(written, quantized, nodes[0], 0)
             if quantized in graph.outputs:  # the interface keeps the name, for the stored values
                 written.name, quantized.name = f"{name}/unquantized", name
         self.details = {"caches": [past.name for _, past in writes], "block": self.options.block}
         return ir.passes.PassResult(model, True)
 
     def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
-        names = [v.name for v in model.graph.inputs if _PAST.match(v.name or "")]
+        names = cache_inputs_in_layer_order(v.name for v in model.graph.inputs)
         names += [v.name for v in model.graph.outputs if (v.name or "").endswith("_RetainedState")]
         manifest.setdefault("custom_io", {}).update({name: "mxint8" for name in names})
         manifest.setdefault("kv", {})["precision"] = "mxint8"

@@ -117,17 +117,20 @@ def sample_inputs(
 
 
 def onnxruntime_session(model: str | os.PathLike | bytes, providers: list[str] | None = None, *,
-                        purpose: str = "", hint: str | None = None, optimize: bool = True):
+                        purpose: str = "", hint: str | None = None, optimize: bool = True,
+                        threads: int | None = None):
     """An onnxruntime session (CPU unless providers say otherwise, warnings silenced); a model
     onnxruntime cannot load is a :class:`VerificationError` naming the model and the reason.
     ``optimize=False`` turns graph optimisations off, for graphs whose every node must run as
-    written (the fp16 simulation's rounding casts)."""
+    written (the fp16 simulation's rounding casts); ``threads`` caps the intra-op threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
     source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])

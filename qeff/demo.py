@@ -75,6 +75,7 @@ def run_demo(
     """
     from qeff.frontend import export_model
     from qeff.passes import optimize
+    from qeff.passes.manager import fp16_simulation_keep
     from qeff.passes.pipeline import build_passes, parse_pipeline
 
     console = console or Console()
@@ -127,10 +128,8 @@ def run_demo(
 
     generation = None
     if has_kv:
-        keep = [n for p in pipeline if (k := p.fp16_simulation()) is not None for n in k]
-        fp16 = any(p.fp16_simulation() is not None for p in pipeline)
         generation = _generate(exported.path, result.output, result.manifest.get("ctx_len"), seed,
-                               fp16_keep=keep if fp16 else None)
+                               fp16_keep=fp16_simulation_keep(pipeline))
         _print_generation(console, generation)
 
     compiled = _dry_run_compile(console, result.output, workdir / "compile")
@@ -138,7 +137,7 @@ def run_demo(
         f"files: {result.output.name}, {result.manifest_path.name}, report.json, compile/ in {workdir} "
         f"— done in {time.perf_counter() - start:.1f} s"
     )
-    lossy = any(p.lossy or p.fp16_simulation() is not None for p in pipeline)
+    lossy = any(p.lossy for p in pipeline) or fp16_simulation_keep(pipeline) is not None
     if generation is not None and not all(generation.matches) and not lossy:
         from qeff.errors import VerificationError
 

@@ -37,14 +37,14 @@ from typing import Any
 
 import numpy as np
 
+from qeff.backend_aic.compile import PARAMS_NAME, QPC_MARKER
+from qeff.backend_aic.files import CUSTOM_IO_NAME, SPECIALIZATIONS_NAME
 from qeff.errors import QeffError
 from qeff.runtime import _qaicrt
 from qeff.runtime.session import Session, TensorSpec
 
-QPC_NAME = "programqpc.bin"
-PARAMS_NAME = "qeff-compile.json"
-SPECIALIZATIONS_NAME = "specializations.json"
-CUSTOM_IO_NAME = "custom_io.yaml"
+# The compile folder's layout, as backend_aic writes it.
+QPC_NAME = QPC_MARKER.name
 
 #: custom_io.yaml precisions the host can read and write, as NumPy dtypes.
 _HOST_PRECISIONS = {"float16": np.float16, "float32": np.float32, "float": np.float32}

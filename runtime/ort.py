@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from qeff.errors import QeffError
+from qeff.passes.manifest import read_manifest
 from qeff.runtime.session import Session, TensorSpec
 
 _ORT_TYPES = {
@@ -60,7 +61,7 @@ class OrtSession(Session):
         self.outputs = _specs(self._session.get_outputs())
         self.specializations = []
         self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
-        manifest = _manifest(model)
+        manifest = {} if isinstance(model, bytes) else (read_manifest(model) or {})
         self.ctx_len = ctx_len or manifest.get("ctx_len")
         self.full_batch_size = full_batch_size or (manifest.get("kv") or {}).get("full_batch_size")
         self._state: dict[str, Any] = {}  # past input -> OrtValue read by the next call
@@ -156,17 +157,3 @@ class OrtSession(Session):
         if self._closed:
             raise QeffError("the session is closed", "create a new OrtSession")
 
-
-def _manifest(model: str | os.PathLike | bytes) -> dict[str, Any]:
-    import json
-    from pathlib import Path
-
-    if isinstance(model, bytes):
-        return {}
-    path = Path(model)
-    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
-    manifest = path.with_name(f"{stem}.qeff.json")
-    try:
-        return json.loads(manifest.read_text()) if manifest.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}

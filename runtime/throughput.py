@@ -54,12 +54,10 @@ def encoder_feeds(names_types: Sequence[tuple[str, np.dtype, tuple]], batch: int
 
 
 def _sessions(model: Path, count: int):
-    import onnxruntime as ort
+    from qeff.passes.verify import onnxruntime_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // count)
-    return [ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"]) for _ in range(count)]
+    threads = max(1, (os.cpu_count() or 1) // count)  # the CPU is shared between the instances
+    return [onnxruntime_session(model, purpose=" for qeff bench", threads=threads) for _ in range(count)]
 
 
 def bench_model(model: str | os.PathLike, batch_sizes: Sequence[int], instances: Sequence[int], *,

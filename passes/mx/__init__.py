@@ -36,12 +36,12 @@ def _load_kernel():
                         "reinstall the package with a C compiler present: pip install -e .") from None
 
 
-def _as_3d(array: np.ndarray, axis: int) -> tuple[int, int, int]:
-    """(outer, axis_len, inner) of ``array`` viewed around ``axis``."""
-    shape = array.shape
-    outer = int(np.prod(shape[:axis], dtype=np.int64))
-    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
-    return outer, shape[axis], inner
+def block_layout(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
+    """(outer, axis_len, inner): the array viewed as [outer, axis_len, inner] around ``axis``,
+    the shape the kernel works on."""
+    axis %= len(shape)
+    return (int(np.prod(shape[:axis], dtype=np.int64)), shape[axis],
+            int(np.prod(shape[axis + 1:], dtype=np.int64)))
 
 
 def check_array(array: np.ndarray, axis: int) -> int:
@@ -99,7 +99,7 @@ def _run(array: np.ndarray, fmt: str | ElementFormat, axis: int, block: int, rou
         out = np.empty_like(source)
     elif out.shape != array.shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError("out must be a writable C-contiguous float32 array of the input's shape")
-    outer, length, inner = _as_3d(source, axis)
+    outer, length, inner = block_layout(source.shape, axis)
     result = _load_kernel().quantize_dequantize(
         source, out, outer, length, inner, block, fmt.emax, fmt.emin, fmt.mbits,
         fmt.max_norm, fmt.max_negative(int8), rounding == "nearest", scale == "ocp_plus1", stats,

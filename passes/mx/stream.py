@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qeff.passes.mx import quantize_with_error
+from qeff.passes.mx import block_layout, quantize_with_error
 
 _CHUNK_BYTES = 32 << 20
 
@@ -49,12 +49,6 @@ class WeightError:
         return 10.0 * float(np.log10(self.signal / self.noise))
 
 
-def _layout(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
-    axis %= len(shape)
-    return (int(np.prod(shape[:axis], dtype=np.int64)), shape[axis],
-            int(np.prod(shape[axis + 1:], dtype=np.int64)))
-
-
 def _chunks(outer: int, length: int, inner: int, block: int) -> list[tuple[int, int, int]]:
     """Contiguous (start element, outer rows, axis rows) pieces of an [outer, length, inner]
     array, each holding whole blocks and about ``_CHUNK_BYTES``."""
@@ -74,7 +68,7 @@ def _read_chunks(source: ir.ExternalTensor, axis: int, block: int) -> Iterator[n
     two is ever resident. The next piece is mapped in a background thread while the caller works
     on the current one.
     """
-    outer, length, inner = _layout(tuple(source.shape.numpy()), axis)
+    outer, length, inner = block_layout(tuple(source.shape.numpy()), axis)
     pieces = _chunks(outer, length, inner, block)
     fd = os.open(source.path, os.O_RDONLY)
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -154,7 +148,7 @@ def quantize_tensor(tensor: ir.TensorProtocol, axis: int,
     if isinstance(tensor, ir.ExternalTensor):
         return StreamedQuantizedTensor(tensor, axis, options), None
     shape = tuple(tensor.shape.numpy())
-    original = np.ascontiguousarray(tensor.numpy()).reshape(_layout(shape, axis))
+    original = np.ascontiguousarray(tensor.numpy()).reshape(block_layout(shape, axis))
     result, stats = quantize_with_error(original, axis=1, **options)
     error = WeightError()
     error.add(stats)
