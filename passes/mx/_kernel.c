@@ -18,7 +18,8 @@
  * src and dst are C-contiguous float32 buffers of outer*axis_len*inner elements (they may be the
  * same buffer); max_pos/max_neg are the saturation magnitudes of positive and negative elements.
  * With with_stats (src and dst distinct) it returns (sum x^2, sum (x-q)^2, max |x-q|), read back
- * slab by slab while the slab is in cache. The GIL is released while the kernel runs.
+ * slab by slab while the slab is in cache; for an empty array (any dimension 0, nothing written)
+ * that is (0, 0, 0). The GIL is released while the kernel runs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,6 +27,19 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* The loops below are cloned for AVX2 and picked at load time by an ifunc resolver. That needs
+ * GCC's target_clones on x86-64 and a loader with ifunc (glibc); anywhere else (another
+ * architecture, clang, musl, or QEFF_NO_TARGET_CLONES defined) they are plain functions built for
+ * the baseline target, with the same results: the kernel never depends on the instruction set. */
+#define QEFF_CLONES
+#if !defined(QEFF_NO_TARGET_CLONES) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    defined(__linux__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#undef QEFF_CLONES
+#define QEFF_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
 
 typedef struct {
     int emax;       /* exponent of the largest element binade */
@@ -116,7 +130,7 @@ static inline uint32_t quantize_element(uint32_t u, int32_t c, uint32_t max_pos,
 }
 
 /* Blocks along the last axis (inner == 1): each block contiguous, one set of parameters. */
-__attribute__((target_clones("avx2", "default")))
+QEFF_CLONES
 static void quantize_rows(const uint32_t *src, uint32_t *dst, Py_ssize_t rows, Py_ssize_t length,
                           Py_ssize_t block, const mx_format *f) {
     const int32_t mbits = f->mbits;
@@ -142,7 +156,7 @@ static void quantize_rows(const uint32_t *src, uint32_t *dst, Py_ssize_t rows, P
  * is read row by row and the element loop runs across contiguous columns. `scratch` holds
  * 5 * inner words: each column's amax and its block parameters, one array per field so the
  * element loop vectorises. */
-__attribute__((target_clones("avx2", "default")))
+QEFF_CLONES
 static void quantize_columns(const uint32_t *src, uint32_t *dst, Py_ssize_t outer, Py_ssize_t axis_len,
                              Py_ssize_t inner, Py_ssize_t block, const mx_format *f, uint32_t *scratch) {
     const int32_t mbits = f->mbits;
@@ -185,7 +199,7 @@ static void quantize_columns(const uint32_t *src, uint32_t *dst, Py_ssize_t oute
 #pragma GCC push_options
 #pragma GCC optimize("associative-math", "no-signed-zeros")
 #endif
-__attribute__((target_clones("avx2", "default")))
+QEFF_CLONES
 static void error_stats(const float *x, const float *q, Py_ssize_t n, double *acc) {
     double signal = 0, noise = 0;
     uint32_t worst = 0;  /* bits of the largest |x - q| in float: integer order is value order */
@@ -215,11 +229,15 @@ static PyObject *py_quantize_dequantize(PyObject *self, PyObject *args) {
                           &with_stats))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t count = outer * axis_len * inner;
-    if (outer < 0 || axis_len < 0 || inner < 0 || block < 1) {
+    Py_ssize_t count = -1; /* outer * axis_len * inner, only once the product is known to fit */
+    if (outer < 0 || axis_len < 0 || inner < 0 || block < 1)
         PyErr_SetString(PyExc_ValueError, "dimensions must be >= 0 and block >= 1");
-    } else if (axis_len && inner && outer > PY_SSIZE_T_MAX / 4 / axis_len / inner) {
+    else if (axis_len && inner && outer > PY_SSIZE_T_MAX / 4 / axis_len / inner)
         PyErr_SetString(PyExc_ValueError, "array too large");
+    else
+        count = outer * axis_len * inner; /* <= PY_SSIZE_T_MAX / 4, or 0 with a zero factor */
+    if (count < 0) {
+        /* the error is set */
     } else if (src.len != count * 4 || dst.len != count * 4) {
         PyErr_Format(PyExc_ValueError, "buffers hold %zd and %zd bytes, expected %zd float32 values",
                      src.len, dst.len, count);
@@ -227,6 +245,16 @@ static PyObject *py_quantize_dequantize(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "buffers must be C-contiguous");
     } else if (f.mbits < 0 || f.mbits > 22 || f.emin < -126 || f.emax > 127) {
         PyErr_SetString(PyExc_ValueError, "element format out of range");
+    } else if (count == 0) {
+        /* Nothing to quantize. The paths below need inner >= 1: the rows path, taken whenever
+         * inner is not above 1, walks outer * axis_len elements, all past the end of an empty
+         * buffer when inner is 0. */
+        if (with_stats)
+            result = Py_BuildValue("ddd", 0.0, 0.0, 0.0);
+        else {
+            result = Py_None;
+            Py_INCREF(result);
+        }
     } else {
         uint32_t *scratch = inner > 1 ? malloc((size_t)inner * 5 * sizeof *scratch) : NULL;
         if (inner > 1 && !scratch) {

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import bisect
 import functools
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qeff.errors import PassOptionError
-from qeff.passes.mx import quantize_dequantize, quantize_dequantize_numpy
+from qeff.passes.mx import quantize_dequantize, quantize_dequantize_numpy, quantize_with_error
 
 # (exponent bits, mantissa bits, bias, reserved top codes) of each float element format.
 _LAYOUT = {"fp8_e4m3": (4, 3, 7, "e4m3"), "fp8_e5m2": (5, 2, 15, "ieee"), "fp6_e3m2": (3, 2, 3, None),
@@ -228,6 +234,94 @@ def test_kernel_refuses_inconsistent_buffers():
         _kernel.quantize_dequantize(x, np.empty(8, np.float32), 1, 8, 1, 0, 2, 0, 3, 7.5, 7.5, False, False)
     with pytest.raises(TypeError):
         _kernel.quantize_dequantize(x, x.tobytes(), 1, 8, 1, 32, 2, 0, 3, 7.5, 7.5, False, False)  # read-only
+
+
+# Every place a zero can sit in the kernel's [outer, axis_len, inner] view: (shape, axis).
+ZERO_SIZE_CASES = [((0, 64, 5), 1), ((4, 0, 5), 1), ((4, 64, 0), 1), ((0,), 0), ((0, 7), 0), ((7, 0), 0),
+                   ((0, 7), -1), ((7, 0), -1), ((3, 0, 0), 0), ((0, 3, 2), -1), ((3, 2, 0), -1)]
+
+# The calls of ZERO_SIZE_CASES in a child, since before they were handled an inner extent of 0
+# sent the kernel down the rows path over outer * axis_len elements of an empty buffer. The
+# extension is also called directly, so that it is the kernel that is checked, not the wrapper.
+ZERO_SIZE_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from qeff.passes.mx import _kernel, quantize_dequantize, quantize_with_error
+
+    for shape, axis in %r:
+        x = np.zeros(shape, np.float32)
+        q = quantize_dequantize(x, "fp6_e2m3", axis=axis)
+        out, stats = quantize_with_error(x, "fp8_e4m3", axis=axis, block=16)
+        print(shape, axis, q.shape, out.shape, stats)
+    for outer, length, inner in ((4096, 64, 0), (4096, 0, 0), (0, 64, 4096), (4096, 0, 1)):
+        empty = np.zeros(0, np.float32)
+        for stats in (False, True):
+            got = _kernel.quantize_dequantize(empty, np.zeros(0, np.float32), outer, length, inner, 32,
+                                              2, 0, 3, 7.5, 7.5, False, False, stats)
+            print("kernel", outer, length, inner, got)
+""")
+
+
+def test_zero_size_inputs_do_not_crash_the_kernel():
+    try:
+        result = subprocess.run([sys.executable, "-c", ZERO_SIZE_SCRIPT % (ZERO_SIZE_CASES,)], capture_output=True,
+                                text=True, timeout=60)
+    except subprocess.TimeoutExpired as e:  # a corrupted heap can hang the child as well as kill it
+        pytest.fail(f"the child hung:\n{e.stdout.decode() if e.stdout else ''}")
+    assert result.returncode == 0, f"exit status {result.returncode}:\n{result.stdout}{result.stderr}"
+    want = [f"{shape} {axis} {shape} {shape} (0.0, 0.0, 0.0)" for shape, axis in ZERO_SIZE_CASES]
+    for dims in ("4096 64 0", "4096 0 0", "0 64 4096", "4096 0 1"):
+        want += [f"kernel {dims} None", f"kernel {dims} (0.0, 0.0, 0.0)"]
+    assert result.stdout.splitlines() == want
+
+
+@pytest.mark.parametrize("shape,axis", ZERO_SIZE_CASES)
+def test_zero_size_arrays_give_empty_results(shape, axis):
+    x = np.zeros(shape, np.float32)
+    for fmt in ("fp4_e2m1", "int8"):
+        got = quantize_dequantize(x, fmt, axis=axis)
+        assert got.shape == shape and got.dtype == np.float32
+        out = np.empty(shape, np.float32)
+        assert quantize_dequantize(x, fmt, axis=axis, out=out) is out
+        q, stats = quantize_with_error(x, fmt, axis=axis)
+        assert q.shape == shape and stats == (0.0, 0.0, 0.0)
+
+
+def test_kernel_rejects_dimensions_whose_product_overflows():
+    from qeff.passes.mx import _kernel
+
+    empty = np.zeros(0, np.float32)
+    big = 2 ** 40
+    for outer, length, inner in ((big, big, 1), (1, big, big), (big, 1, big), (2 ** 62, 1, 1)):
+        with pytest.raises(ValueError, match="too large"):
+            _kernel.quantize_dequantize(empty, empty.copy(), outer, length, inner, 32, 2, 0, 3, 7.5, 7.5, False, False)
+
+
+def _compile_kernel(compiler: str, folder: Path, *defines: str) -> bytes:
+    paths = sysconfig.get_paths()
+    source = Path(__file__).resolve().parents[2] / "passes" / "mx" / "_kernel.c"
+    obj = folder / f"kernel{len(defines)}.o"
+    command = [compiler, "-c", "-fPIC", "-O3", "-std=c11", "-fno-trapping-math", "-Wall", "-Werror", *defines,
+               f"-I{paths['include']}", f"-I{paths['platinclude']}", "-o", str(obj), str(source)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr}"
+    return obj.read_bytes()
+
+
+def test_kernel_builds_without_target_clones(tmp_path):
+    """Where the compiler or the target cannot dispatch on the CPU (no target_clones, no ifunc),
+    the kernel is plain C: QEFF_NO_TARGET_CLONES forces that path here."""
+    compiler = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if compiler is None:
+        pytest.skip("no C compiler")
+    if not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
+        pytest.skip("no Python headers")
+    plain = _compile_kernel(compiler, tmp_path, "-DQEFF_NO_TARGET_CLONES")
+    assert b"avx2" not in plain  # no clone, no resolver: nothing that needs the CPU to have AVX2
+    default = _compile_kernel(compiler, tmp_path)
+    macros = subprocess.run([compiler, "-dM", "-E", "-x", "c", "/dev/null"], capture_output=True, text=True).stdout
+    if "__x86_64__" in macros and "__clang__" not in macros and "__linux__" in macros:
+        assert b"avx2" in default  # the clones are still there where they can be
 
 
 def _assert_bits_equal(got: np.ndarray, want: np.ndarray) -> None:
