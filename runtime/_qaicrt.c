@@ -571,6 +571,13 @@ static int marshal_one(Marshalled *m, Py_ssize_t i, PyObject *object, int writab
         return -1;
     }
     m->acquired[i] = 1;
+    /* Each buffer has room for PyBUF_MAX_NDIM dims (the last one's end where the allocation ends),
+     * but an exporter is free to report more: ctypes arrays nest without limit. */
+    if (view->ndim < 0 || view->ndim > PyBUF_MAX_NDIM) {
+        PyErr_Format(PyExc_ValueError, "%s %zd has %d dimensions, more than the %d a buffer may have", role, index,
+                     view->ndim, PyBUF_MAX_NDIM);
+        return -1;
+    }
     if (view->itemsize <= 0 || (uint64_t)view->itemsize > UINT32_MAX) {
         PyErr_Format(PyExc_ValueError, "%s %zd has an item size of %zd bytes", role, index, view->itemsize);
         return -1;
@@ -716,10 +723,17 @@ static PyObject *Session_close(SessionObject *self, PyObject *Py_UNUSED(ignored)
 static void Session_dealloc(SessionObject *self)
 {
     if (!self->closed && self->library != NULL) {
-        /* Not closed by its owner: release quietly, with the GIL held (deallocation can happen at
-         * interpreter exit). Failures cannot be reported from here. */
+        /* Not closed by its owner: release quietly (failures cannot be reported from here). The
+         * release calls can block on the device, so other threads run meanwhile; nothing else can
+         * reach this object any more, and the calls only touch the handles and the function table
+         * (kept alive by self->library until after them), never a Python object. */
+        const QaicApi *api = &self->library->api;
+        Handles *handles = &self->handles;
         const char *ignored = NULL;
-        close_program(&self->library->api, &self->handles, &ignored);
+        Py_BEGIN_ALLOW_THREADS
+        close_program(api, handles, &ignored);
+        Py_END_ALLOW_THREADS
+        self->closed = 1;
     }
     Py_XDECREF(self->qpc_path);
     Py_XDECREF(self->library); /* after the release calls, which use its function table */

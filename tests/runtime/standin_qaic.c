@@ -41,6 +41,7 @@
  *   QAIC_STANDIN_FAIL=<call>[=<status>]  that call returns <status> (default 500, QS_ERROR)
  *   QAIC_STANDIN_DEVICES=<n>             devices 0..n-1 exist (default 1)
  *   QAIC_STANDIN_SLEEP_MS=<ms>           qaicExecObjWaitForCompletion sleeps first (a slow device)
+ *   QAIC_STANDIN_RELEASE_SLEEP_MS=<ms>   qaicReleaseContext sleeps first (a device slow to let go)
  *   qaicStandinCounter(name)             "live" (objects not yet released), "runs",
  *                                        "retained_bytes_in", "retained_bytes_out" (last run)
  */
@@ -159,6 +160,16 @@ static QStatus injected(const char *call)
         if (injected_status != QS_OK)                                                                   \
             return injected_status;                                                                     \
     } while (0)
+
+/* Sleep for $<variable> milliseconds, if set: the test's way to make a call block. */
+static void sleep_from_env(const char *variable)
+{
+    const char *ms = getenv(variable);
+    if (ms != NULL && atoi(ms) > 0) {
+        struct timespec pause = {atoi(ms) / 1000, (long)(atoi(ms) % 1000) * 1000000L};
+        nanosleep(&pause, NULL);
+    }
+}
 
 static int valid(const void *object, unsigned magic)
 {
@@ -415,6 +426,7 @@ QStatus qaicCreateContext(QAicContext **context, const QAicContextProperties *pr
 QStatus qaicReleaseContext(QAicContext *context)
 {
     INJECT();
+    sleep_from_env("QAIC_STANDIN_RELEASE_SLEEP_MS");
     if (!valid(context, MAGIC_CONTEXT))
         return QS_INVAL;
     if (context->children != 0)
@@ -827,11 +839,7 @@ QStatus qaicExecObjWaitForCompletion(QAicExecObj *execObj, uint32_t timeout)
     INJECT();
     if (!valid(execObj, MAGIC_EXEC) || !execObj->pending)
         return QS_INVAL;
-    const char *sleep_ms = getenv("QAIC_STANDIN_SLEEP_MS");
-    if (sleep_ms != NULL && atoi(sleep_ms) > 0) {
-        struct timespec pause = {atoi(sleep_ms) / 1000, (long)(atoi(sleep_ms) % 1000) * 1000000L};
-        nanosleep(&pause, NULL);
-    }
+    sleep_from_env("QAIC_STANDIN_SLEEP_MS");
     execObj->pending = 0;
     if (!execObj->program->active)
         return QS_DEV_ERROR;

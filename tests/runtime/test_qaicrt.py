@@ -5,6 +5,7 @@ These tests use a hand-written stand-in QPC (aic_helpers.SMALL_QPC): no ONNX mod
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import gc
 import os
@@ -33,7 +34,8 @@ RUN_CALLS = ["qaicExecObjSetDataExt", "qaicEnqueueExecObj", "qaicExecObjWaitForC
 
 @pytest.fixture(autouse=True)
 def _no_injected_failures(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("QAIC_STANDIN_FAIL", "QAIC_STANDIN_DEVICES", "QAIC_STANDIN_SLEEP_MS", "QAIC_LIB"):
+    for name in ("QAIC_STANDIN_FAIL", "QAIC_STANDIN_DEVICES", "QAIC_STANDIN_SLEEP_MS", "QAIC_STANDIN_RELEASE_SLEEP_MS",
+                 "QAIC_LIB"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -201,6 +203,32 @@ def test_qaicrt_bad_buffers_raise(standin_lib: Path, small_qpc: Path) -> None:
         session.run([ids, pos, None, None], [logits, None, None])
 
 
+def deep_buffer(ndim: int) -> ctypes.Array:
+    """A float32 buffer of ``ndim`` dims of 1: nested ctypes arrays export one dim per level,
+    with no limit of their own (NumPy and memoryview stop at 64, PyBUF_MAX_NDIM)."""
+    kind = ctypes.c_float
+    for _ in range(ndim):
+        kind = kind * 1
+    return kind()
+
+
+def test_qaicrt_buffer_with_too_many_dims_raises(standin_lib: Path, small_qpc: Path) -> None:
+    """QBufferDimensions holds at most PyBUF_MAX_NDIM dims per buffer: more is refused before any
+    is stored (the last buffer's dims end the array they live in)."""
+    deep = deep_buffer(65)
+    assert memoryview(deep_buffer(64)).ndim == 64
+    ids, pos = tokens(4)
+    logits = np.empty(SMALL_LOGITS, np.float32)
+    with _open(standin_lib, small_qpc) as session:
+        runs = counter(standin_lib, "runs")
+        with pytest.raises(ValueError, match="output 2 has 65 dimensions, more than the 64"):
+            session.run([ids, pos, None, None], [logits, None, deep])
+        with pytest.raises(ValueError, match="input 0 has 65 dimensions"):
+            session.run([deep, pos, None, None], [logits, None, None])
+        assert counter(standin_lib, "runs") == runs
+        session.run([ids, pos, None, None], [logits, None, None])  # still good
+
+
 @pytest.mark.parametrize("call", OPEN_CALLS)
 def test_qaicrt_failing_open_call_releases_what_it_made(call: str, standin_lib: Path, small_qpc: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,6 +283,34 @@ def test_qaicrt_run_releases_the_gil_and_close_waits_its_turn(standin_lib: Path,
         assert time.perf_counter() - start >= 0.3 and ticks > 5
 
 
+def test_qaicrt_collecting_an_unclosed_session_releases_the_gil(standin_lib: Path, small_qpc: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deallocator's release calls can block on the device: other threads keep running meanwhile."""
+    live = counter(standin_lib, "live")
+    session = _qaicrt.Library(standin_lib).open(small_qpc)
+    monkeypatch.setenv("QAIC_STANDIN_RELEASE_SLEEP_MS", "300")
+    ticks, stop = [], threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.005)
+
+    worker = threading.Thread(target=tick)
+    worker.start()
+    try:
+        time.sleep(0.05)
+        start = time.perf_counter()
+        del session  # the last reference: Session_dealloc releases the device
+        end = time.perf_counter()
+    finally:
+        stop.set()
+        worker.join()
+    assert end - start >= 0.3
+    assert sum(start < t < end for t in ticks) > 5
+    assert counter(standin_lib, "live") == live
+
+
 class _open:
     """A session as a context manager (the extension's Session has no __enter__ of its own)."""
 
@@ -272,7 +328,7 @@ class _open:
 
 VALGRIND_SCRIPT = textwrap.dedent('''
     """Every path of the binding, with memoryviews instead of NumPy (a light process under valgrind)."""
-    import gc, importlib.util, os, sys
+    import ctypes, gc, importlib.util, os, sys
     spec = importlib.util.spec_from_file_location("qeff.runtime._qaicrt", sys.argv[1])
     q = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(q)
@@ -339,6 +395,10 @@ VALGRIND_SCRIPT = textwrap.dedent('''
     expect(q.StatusError, s.close)
     del os.environ["QAIC_STANDIN_FAIL"]
     s = lib.open(qpc)
+    deep = ctypes.c_float
+    for _ in range(65):
+        deep = deep * 1
+    expect(ValueError, s.run, [ids, pos, None, None], [logits, None, deep()])
     s.run([ids, pos, None, None], [logits, None, None])
     del s  # released by the deallocator
     gc.collect()
