@@ -18,8 +18,6 @@ from typing import Any
 
 from qeff.backend_aic.compiler import build_command, find_compiler
 from qeff.backend_aic.files import (
-    CUSTOM_IO_NAME,
-    SPECIALIZATIONS_NAME,
     custom_io_yaml,
     mdp_json,
     specializations,
@@ -27,13 +25,20 @@ from qeff.backend_aic.files import (
 )
 from qeff.backend_aic.model_info import read_model_info
 from qeff.backend_aic.options import CompileOptions, ResolvedOptions, resolve_options
+from qeff.contract import (
+    COMMAND_NAME,
+    CUSTOM_IO_NAME,
+    LOG_NAME,
+    PARAMS_NAME,
+    QPC_DIR,
+    QPC_MARKER,
+    SPECIALIZATIONS_NAME,
+    mdp_name,
+)
 from qeff.errors import QeffError
 
 logger = logging.getLogger(__name__)
 
-QPC_MARKER = Path("qpc") / "programqpc.bin"
-LOG_NAME = "compile.log"
-PARAMS_NAME = "qeff-compile.json"
 _TAIL_LINES = 20
 
 
@@ -48,7 +53,7 @@ class CompileResult:
 
     @property
     def qpc(self) -> Path:
-        return self.folder / "qpc"
+        return self.folder / QPC_DIR
 
     @property
     def command_text(self) -> str:
@@ -84,7 +89,7 @@ def _write_files(folder: Path, info: Any, o: ResolvedOptions) -> tuple[dict[str,
         names["custom_io"] = CUSTOM_IO_NAME
         texts[CUSTOM_IO_NAME] = custom_io_yaml(info, o.kv_precision, o.custom_io)
     if len(o.devices) > 1:
-        names["mdp"] = f"mdp_ts_{len(o.devices)}.json"
+        names["mdp"] = mdp_name(len(o.devices))
         texts[names["mdp"]] = mdp_json(len(o.devices), o.num_cores)
     if o.node_precision_info is not None:
         if not o.node_precision_info.is_file():
@@ -117,7 +122,7 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, options: 
               "compiler": {"path": compiler.path, "flavour": compiler.flavour, "found": compiler.found},
               "devices": list(resolved.devices)}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    (folder / "command.txt").write_text(shlex.join(command) + "\n")
+    (folder / COMMAND_NAME).write_text(shlex.join(command) + "\n")
     result = CompileResult(folder=folder, command=command, hash=digest, status="dry-run", files=names)
     previous = _read_params(folder)
     marker = folder / QPC_MARKER

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["specializations", "specializations_json", "custom_io_yaml", "mdp_json", "SPECIALIZATIONS_NAME",
-           "CUSTOM_IO_NAME"]
+__all__ = ["specializations", "specializations_json", "custom_io_yaml", "mdp_json"]
 
 import json
 
 from qeff.backend_aic.model_info import ModelInfo
 from qeff.backend_aic.options import ResolvedOptions
+from qeff.contract import BATCH_SIZE, CTX_LEN, FULL_BATCH_SIZE, SEQ_LEN, retained_name
 from qeff.errors import QeffError
 
-# The names the compile folder gives these files; the runtime reads them back.
-SPECIALIZATIONS_NAME = "specializations.json"
-CUSTOM_IO_NAME = "custom_io.yaml"
 _NAMES = ("Prefill", "Decode")
 
 
@@ -22,13 +19,12 @@ def specializations(info: ModelInfo, o: ResolvedOptions) -> list[dict[str, str]]
     holding only the symbols the model's inputs use."""
     symbols = info.symbols()
     if info.has_kv:
-        prefill = {"batch_size": o.batch_size, "seq_len": o.prefill_len, "ctx_len": o.ctx_len}
-        decode = {"batch_size": o.batch_size, "seq_len": 1, "ctx_len": o.ctx_len}
+        prefill = {BATCH_SIZE: o.batch_size, SEQ_LEN: o.prefill_len, CTX_LEN: o.ctx_len}
+        decode = {BATCH_SIZE: o.batch_size, SEQ_LEN: 1, CTX_LEN: o.ctx_len}
         if o.full_batch_size:
-            prefill = {"batch_size": 1, "seq_len": o.prefill_len, "ctx_len": o.ctx_len,
-                       "full_batch_size": o.full_batch_size}
-            decode = {"batch_size": o.full_batch_size, "seq_len": 1, "ctx_len": o.ctx_len,
-                      "full_batch_size": o.full_batch_size}
+            prefill = {BATCH_SIZE: 1, SEQ_LEN: o.prefill_len, CTX_LEN: o.ctx_len, FULL_BATCH_SIZE: o.full_batch_size}
+            decode = {BATCH_SIZE: o.full_batch_size, SEQ_LEN: 1, CTX_LEN: o.ctx_len,
+                      FULL_BATCH_SIZE: o.full_batch_size}
         chosen = [prefill, decode]
     else:
         return []  # a model without a KV cache fixes its symbols with -onnx-define-symbol
@@ -54,7 +50,7 @@ def custom_io_yaml(info: ModelInfo, precision: str, extra: tuple[tuple[str, str]
     chosen = dict(extra)
     entries = []
     for name in info.kv_inputs:
-        for io_name in (name, f"{name}_RetainedState"):
+        for io_name in (name, retained_name(name)):
             if io_name == name or io_name in info.retained_outputs:
                 entries.append((io_name, chosen.pop(io_name, precision)))
     entries.extend(chosen.items())

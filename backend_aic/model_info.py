@@ -12,18 +12,16 @@ from typing import Any
 
 import onnx_ir as ir
 
+from qeff.contract import BATCH_INDEX, Manifest, cache_inputs_in_layer_order, read_manifest, retained_name
 from qeff.errors import QeffError
-from qeff.passes.kv_builder import cache_inputs_in_layer_order
-from qeff.passes.manifest import manifest_path
-
 
 
 @dataclasses.dataclass
 class ModelInfo:
     path: Path
-    manifest: dict[str, Any]
-    kv_inputs: list[str]  # past_key.0, past_value.0, ... in layer order
-    retained_outputs: list[str]  # the matching _RetainedState outputs
+    manifest: Manifest
+    kv_inputs: list[str]  # the cache inputs in layer order
+    retained_outputs: list[str]  # the matching retained-state outputs
     input_dims: dict[str, list[int | str | None]]
     continuous_batching: bool
     output_names: list[str] = dataclasses.field(default_factory=list)
@@ -46,14 +44,11 @@ def read_model_info(model: str | os.PathLike) -> ModelInfo:
     path = Path(model)
     if not path.is_file():
         raise QeffError(f"model {path} does not exist", "give the .onnx that qeff-opt wrote")
-    manifest_file = manifest_path(path)
-    manifest: dict[str, Any] = {}
-    if manifest_file.is_file():
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except json.JSONDecodeError as e:
-            raise QeffError(f"manifest {manifest_file.name} is not valid JSON ({e.msg})",
-                            "re-run qeff-opt to write it again, or delete it") from None
+    try:
+        manifest = read_manifest(path) or Manifest()
+    except ValueError as e:
+        raise QeffError(f"the manifest beside {path.name} is not valid: {e}",
+                        "re-run qeff-opt to write it again, or delete it") from None
     try:
         graph = ir.load(path).graph
     except Exception as e:  # onnx/protobuf raise many types for a broken file
@@ -62,6 +57,6 @@ def read_model_info(model: str | os.PathLike) -> ModelInfo:
             if v.shape is not None else [] for v in graph.inputs}
     past = cache_inputs_in_layer_order(v.name for v in graph.inputs)
     outputs = {v.name for v in graph.outputs}
-    retained = [f"{name}_RetainedState" for name in past if f"{name}_RetainedState" in outputs]
+    retained = [retained_name(name) for name in past if retained_name(name) in outputs]
     return ModelInfo(path=path, manifest=manifest, kv_inputs=past, retained_outputs=retained, input_dims=dims,
-                     continuous_batching="batch_index" in dims, output_names=[v.name for v in graph.outputs])
+                     continuous_batching=BATCH_INDEX in dims, output_names=[v.name for v in graph.outputs])

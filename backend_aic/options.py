@@ -89,7 +89,7 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
     if len(set(options.devices)) != len(options.devices) or any(d < 0 for d in options.devices):
         raise QeffError(f"--devices {','.join(map(str, options.devices))}: each device id once, none negative",
                         "e.g. --devices 0,1,2,3")
-    ctx = options.ctx_len or manifest.get("ctx_len")
+    ctx = options.ctx_len or manifest.ctx_len
     model_ctx = info.cache_length()
     if info.has_kv:
         if isinstance(model_ctx, int) and ctx is not None and ctx != model_ctx:
@@ -100,24 +100,23 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
         if ctx is None:
             raise QeffError("the model's cache length is symbolic and no ctx_len is known",
                             "pass --ctx-len N")
-    specs = manifest.get("specializations") or []
+    specs = manifest.specializations
     prefill_default = next((s.get("seq_len") for s in specs if s.get("seq_len", 1) > 1), None)
     prefill = options.prefill_len or prefill_default or 32
     if ctx is not None and prefill > ctx:
         raise QeffError(f"--prefill-len {prefill} is longer than the cache ({ctx})", "use a shorter prefill length")
-    full_batch = options.full_batch_size or (manifest.get("kv") or {}).get("full_batch_size")
+    full_batch = options.full_batch_size or manifest.full_batch_size
     if info.continuous_batching and not full_batch:
         raise QeffError("the model has continuous batching (batch_index) but no full batch size is known",
                         "pass --full-batch-size N")
     if not info.continuous_batching and options.full_batch_size:
         raise QeffError("--full-batch-size needs a model with continuous batching (batch_index input)",
                         "rewrite it with kv:continuous_batching=true")
-    custom_io = manifest.get("custom_io") or {}
-    kv_default = "mxint8" if "mxint8" in custom_io.values() or (manifest.get("kv") or {}).get("precision") == "mxint8" \
-        else "float16"
-    mx = manifest.get("mx") or {}
+    kv_precision = manifest.kv.precision if manifest.kv is not None else None
+    kv_default = "mxint8" if "mxint8" in manifest.custom_io.values() or kv_precision == "mxint8" else "float16"
+    mx = manifest.mx or {}
     mxfp6 = options.mxfp6 if options.mxfp6 is not None else mx.get("compiler_flag") == "-mxfp6-matmul"
-    npi = manifest.get("node_precision_info")
+    npi = manifest.node_precision_info
     defines = _define_symbols(options, info) if not info.has_kv else ()
     if info.has_kv and options.define_symbols:
         raise QeffError("--define-symbol is for models without a KV cache; a KV model compiles specializations",

@@ -32,7 +32,7 @@ def build(folder: Path, layers: int, hidden: int, vocab: int, ctx: int, seed: in
 
     from qeff.frontend.export import export_causal_lm
     from qeff.frontend.randomize import randomize_parameters
-    from qeff.passes import optimize
+    from qeff.optimizer import optimize
 
     config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
                                       num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),

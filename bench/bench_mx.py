@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_io  # noqa: E402  (the model generator and the RSS-measuring launcher)
 
 from qeff.passes.mx import quantize_dequantize, quantize_dequantize_numpy  # noqa: E402
-from qeff.passes.mx_weights import weight_uses  # noqa: E402
+from qeff.passes.mx.weights import weight_uses  # noqa: E402
 
 GB = 1 << 30
 TARGET_KERNEL_GBS = 2.0

@@ -167,13 +167,13 @@ def export_encoder(model: Any, task: str, output: str | Path, *, check: bool = T
     seconds = time.perf_counter() - start
     diff = None
     if check:
-        from qeff.passes.verify import run_onnxruntime
+        from qeff.common.onnxrt import run_model
 
         feeds = _example(names, 3, 11, vocab, seed=1)
         with torch.no_grad():
             want = wrapper(*(torch.from_numpy(feeds[n]) for n in names))
         want = want if isinstance(want, tuple) else (want,)
-        got = run_onnxruntime(output, feeds)
+        got = run_model(output, feeds)
         diff = max(float(np.max(np.abs(got[o] - w.numpy()))) for o, w in zip(outputs, want))
     arch = getattr(model.config, "model_type", "encoder")
     meta = {"task": task, "architecture": arch, "inputs": names, "outputs": outputs}

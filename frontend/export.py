@@ -19,13 +19,12 @@ import contextlib
 import inspect
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qeff.common.atomic import Staging
 from qeff.errors import ExportError
 
 from ._deps import require_torch
@@ -331,12 +330,9 @@ def export_causal_lm(
     created_parent = not parent.exists()
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        # Inside the destination folder, so that os.replace is a rename on one file system.
-        workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+        staging = Staging(output)
     except OSError as exc:
         raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}", "choose a writable output folder") from exc
-    data_name = output.name + ".data"
-    moved_data = False
     try:
         with _Stages(progress) as stages:
             stages.stage(f"Preparing {arch} ({size / 1e6:.1f} MB)")
@@ -347,7 +343,7 @@ def export_causal_lm(
             wrapper = _wrap(model).eval()
 
             stages.stage(f"Exporting {arch} with {exporter}")
-            target = workdir / output.name
+            target = staging.path
             try:
                 with _quiet_exporter(), _exportable_experts(model), torch.no_grad():
                     _run_exporter(wrapper, args, names, target, exporter=exporter, opset=opset, external=external)
@@ -364,22 +360,14 @@ def export_causal_lm(
                 raise ExportError(f"exporting {arch} with {exporter} failed: the exporter wrote no file")
 
             stages.stage(f"Writing {output.name}")
-            # Data first, model last: the model file appearing is what marks the export done.
-            if (workdir / data_name).is_file():
-                os.replace(workdir / data_name, parent / data_name)
-                moved_data = True
-            os.replace(target, output)
-            if not moved_data:
-                # A data file from an earlier external-data export of the same name is stale now.
-                (parent / data_name).unlink(missing_ok=True)
+            # Data first, model last: the model file appearing is what marks the export done;
+            # a data file from an earlier external-data export of the same name is stale now.
+            staging.commit(companions=[output.name + ".data"])
     except BaseException:
-        if moved_data:
-            (parent / data_name).unlink(missing_ok=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+        staging.discard()
         if created_parent:
             with contextlib.suppress(OSError):
                 parent.rmdir()  # only if still empty
         raise
-    shutil.rmtree(workdir, ignore_errors=True)
     logger.info("wrote %s", output)
     return output

@@ -3,7 +3,8 @@
 Interface (the names optimum-style exports use):
 
 - inputs ``input_ids``, ``position_ids`` ``[batch, seq]``, ``attention_mask`` ``[batch,
-  past + seq]``, then ``past_key_values.{i}.key`` / ``.value`` ``[batch, n_kv, past, head_dim]``;
+  past + seq]``, then each layer's cache (``qeff.contract.dynamic_cache_input_name``)
+  ``[batch, n_kv, past, head_dim]``;
 - outputs ``logits`` then ``present.{i}.key`` / ``.value`` ``[batch, n_kv, past + seq, head_dim]``.
 
 Every layer of such a graph concatenates its past with the new K/V (``Concat(past, new)``) and
@@ -17,11 +18,11 @@ from __future__ import annotations
 __all__ = ["export_with_past"]
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from qeff.common.atomic import Staging
+from qeff.contract import ATTENTION_MASK, HF_CACHE, INPUT_IDS, LOGITS, POSITION_IDS, dynamic_cache_input_name
 from qeff.errors import ExportError
 
 from ._deps import require_torch
@@ -47,9 +48,9 @@ def _wrapper(model: Any, n_layers: int):
             for i in range(n_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **{HF_CACHE: cache})
             flat = []
-            for layer in out.past_key_values.layers:
+            for layer in getattr(out, HF_CACHE).layers:
                 flat += [layer.keys, layer.values]
             return (out.logits, *flat)
 
@@ -67,7 +68,7 @@ def export_with_past(model: Any, output: str | os.PathLike[str], *, opset: int |
     vocab = model.config.vocab_size
     ids = torch.randint(1, vocab, (_BATCH, _SEQ))
     with torch.no_grad():  # the cache shapes come from the model itself, not from its config
-        probe = model(input_ids=ids[:, :1], use_cache=True).past_key_values
+        probe = getattr(model(input_ids=ids[:, :1], use_cache=True), HF_CACHE)
     shapes = [(layer.keys.shape, layer.values.shape) for layer in probe.layers]
     n_layers = len(shapes)
     past = []
@@ -76,24 +77,24 @@ def export_with_past(model: Any, output: str | os.PathLike[str], *, opset: int |
                  torch.randn(_BATCH, v_shape[1], _PAST_LEN, v_shape[3])]
     mask = torch.ones(_BATCH, _PAST_LEN + _SEQ, dtype=torch.int64)
     pos = torch.arange(_PAST_LEN, _PAST_LEN + _SEQ).expand(_BATCH, _SEQ)
-    kinds = [f"{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
+    caches = [(i, k) for i in range(n_layers) for k in ("key", "value")]
     dim = torch.export.Dim
     batch, seq, past_len, total = dim("batch"), dim("seq"), dim("past"), dim("total")
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
                "position_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past_len} for _ in past]}
-    workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    staging = Staging(output)
     try:
-        target = workdir / output.name
+        target = staging.path
         with _quiet_exporter(), _exportable_experts(model), torch.no_grad():
             torch.onnx.export(
                 _wrapper(model, n_layers).eval(), (ids, mask, pos, past), str(target), dynamo=True,
-                input_names=["input_ids", "attention_mask", "position_ids", *[f"past_key_values.{k}" for k in kinds]],
-                output_names=["logits", *[f"present.{k}" for k in kinds]],
+                input_names=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *[dynamic_cache_input_name(i, k) for i, k in caches]],
+                output_names=[LOGITS, *[f"present.{i}.{k}" for i, k in caches]],
                 dynamic_shapes=dynamic, opset_version=opset, external_data=False,
             )
-        os.replace(target, output)
+        staging.commit()
     except Exception as exc:
         raise ExportError(f"with-past export failed: {exception_reason(exc)}") from exc
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        staging.discard()
     return output

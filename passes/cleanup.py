@@ -19,7 +19,7 @@ from onnx_ir.passes.common import (
     TopologicalSortPass,
 )
 
-from qeff.passes.base import QeffPass
+from qeff.passes.infra.base import QeffPass, QeffPassResult
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +79,14 @@ class CleanupPass(QeffPass):
         modified |= reordered
 
         nodes_after = sum(1 for _ in ir.traversal.RecursiveGraphIterator(graph))
-        self.details = {
+        details = {
             "dead_nodes": nodes_before - nodes_after,
             "initializers_removed": inits_before - len(graph.initializers) - deduplicated,
             "duplicates_merged": deduplicated,
             "inputs_removed": removed_inputs,
             "reordered": reordered,
         }
-        return ir.passes.PassResult(model, modified=modified)
+        return QeffPassResult(model, modified=modified, details=details)
 
     @staticmethod
     def _remove_unused_inputs(graph: ir.Graph) -> list[str]:

@@ -24,11 +24,11 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from qeff.errors import PassOptionError, UnsupportedGraphError
-from qeff.passes.aot_ops import replace_rejected_ops
-from qeff.passes.base import QeffPass, parse_option_value
+from qeff.passes.ir.aot_ops import replace_rejected_ops
+from qeff.passes.infra.base import QeffPass, QeffPassResult, parse_option_value
 from qeff.passes.fold import FoldOptions, FoldPass
-from qeff.passes.shape_sharing import PREFIX, share_shape_arithmetic
-from qeff.passes.symbolic_shapes import SymbolicShapes
+from qeff.passes.ir.shape_sharing import PREFIX, share_shape_arithmetic
+from qeff.passes.ir.symbolic_shapes import SymbolicShapes
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class FixedPass(QeffPass):
        input dim must be a number or a declared symbol (the four decoder symbols and those
        named with ``symbols=``), otherwise the pass refuses and names the dim.
     2. Ops compilers reject in plain exports are replaced with identical numerics
-       (:mod:`qeff.passes.aot_ops`: ``Trilu``).
-    3. Every value's dims are derived symbolically (:mod:`qeff.passes.symbolic_shapes`);
+       (:mod:`qeff.passes.ir.aot_ops`: ``Trilu``).
+    3. Every value's dims are derived symbolically (:mod:`qeff.passes.ir.symbolic_shapes`);
        each fully known shape vector leaving the shape arithmetic is rebuilt from one shared
        ``Shape`` slice per symbol (or is a constant), and ``fold`` evaluates what became
        constant; the two alternate until nothing changes.
@@ -126,8 +126,19 @@ class FixedPass(QeffPass):
                 break
         shapes = SymbolicShapes(model, symbols).run()
         shapes.apply()
-        self._report(model, shapes, bindings, replaced, shared)
-        return ir.passes.PassResult(model, True)
+        details = self._report(model, shapes, bindings, replaced, shared)
+        return QeffPassResult(model, True, details=details,
+                              manifest={"fixed": {"bound": dict(bindings), "symbols": details["symbols"]}})
+
+    def ensures(self, model: ir.Model) -> None:
+        """A graph whose interface has no symbol left is static throughout: no Shape op remains."""
+        graph = model.graph
+        symbolic = any(not isinstance(d, int) for v in (*graph.inputs, *graph.outputs) for d in (v.shape or ()))
+        left = [n.name or n.op_type for n in graph if n.op_type == "Shape"]
+        if not symbolic and left:
+            raise UnsupportedGraphError(f"fixed: every dim is bound, yet {len(left)} Shape op(s) remain "
+                                        f"(e.g. {left[0]!r}), so the graph is not static",
+                                        "report this model; bind fewer symbols in the meantime")
 
     # -- symbols -------------------------------------------------------------------------------
     def _resolve_symbols(self, graph: ir.Graph) -> tuple[dict[str, int], list[str]]:
@@ -180,34 +191,29 @@ class FixedPass(QeffPass):
 
     # -- report --------------------------------------------------------------------------------
     def _report(self, model: ir.Model, shapes: SymbolicShapes, bindings: dict[str, int],
-                replaced: collections.Counter, shared: int) -> None:
+                replaced: collections.Counter, shared: int) -> dict[str, Any]:
         graph = model.graph
         interface_symbols = sorted({str(d) for v in graph.inputs for d in (shapes.shape(v) or ())
                                     if d is not None and not d.is_Integer})
         unresolved = [out.name for node in graph for out in node.outputs if not _fixed(shapes, out)]
         # Ops removed per type are in the report's "ops changed" column; the details add what
         # that column cannot show.
-        self.details = {"bound": dict(bindings), "symbols": interface_symbols}
+        details: dict[str, Any] = {"bound": dict(bindings), "symbols": interface_symbols}
         if replaced:
-            self.details["ops_replaced"] = dict(replaced)
+            details["ops_replaced"] = dict(replaced)
         if shared:
-            self.details["shape_vectors_shared"] = shared
-            self.details["shared_sizes"] = sorted(
+            details["shape_vectors_shared"] = shared
+            details["shared_sizes"] = sorted(
                 n.name.removeprefix(PREFIX) for n in graph if n.name and n.name.startswith(PREFIX) and n.op_type == "Shape")
         if unresolved:
-            self.details["dims_unresolved"] = unresolved[:20]
+            details["dims_unresolved"] = unresolved[:20]
             logger.warning("fixed: %d values have dims that are not fixed, e.g. %s", len(unresolved), unresolved[:3])
         if not interface_symbols:
             not_static = [out.name for node in graph for out in node.outputs
                           if out.shape is None or any(not isinstance(d, int) for d in out.shape)]
-            shape_ops = [n.name for n in graph if n.op_type == "Shape"]
-            if not_static:
-                self.details["values_not_static"] = not_static[:20]
-            if shape_ops:
-                self.details["shape_ops_left"] = shape_ops[:20]
-
-    def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
-        manifest["fixed"] = {"bound": dict(self.details.get("bound", {})), "symbols": self.details.get("symbols", [])}
+            if not_static:  # no Shape op is left then: ensures() checks that
+                details["values_not_static"] = not_static[:20]
+        return details
 
 
 def _fixed(shapes: SymbolicShapes, value: ir.Value) -> bool:

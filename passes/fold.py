@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from qeff.passes.base import QeffPass
+from qeff.passes.infra.base import QeffPass, QeffPassResult
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +75,10 @@ class FoldPass(QeffPass):
         if folder.folded:
             RemoveUnusedNodesPass()(model)
         _forget_placeholder_dims(model.graph)
-        self.details = {"folded": dict(folder.folded)} if folder.folded else {}
+        details = {"folded": dict(folder.folded)} if folder.folded else {}
         if folder.failures:
-            self.details["not_evaluable"] = dict(folder.failures)
-        return ir.passes.PassResult(model, modified=bool(folder.folded))
+            details["not_evaluable"] = dict(folder.failures)
+        return QeffPassResult(model, modified=bool(folder.folded), details=details)
 
 
 def _forget_placeholder_dims(graph: ir.Graph) -> None:

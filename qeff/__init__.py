@@ -9,31 +9,47 @@ The public API::
     qeff.list_passes()                      # names, summaries, options
 
 Stages live in sub-packages: ``qeff.frontend`` (export), ``qeff.passes`` (rewriting),
-``qeff.backend_aic`` (compiler lowering) and ``qeff.runtime`` (execution).
+``qeff.backend_aic`` (compiler lowering) and ``qeff.runtime`` (execution); ``qeff.contract``
+holds the names they share and ``qeff.verify`` checks a rewrite. Attributes load on first
+use, so importing one stage does not import the others.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from qeff.errors import QeffError  # noqa: E402
-from qeff.passes import (  # noqa: E402
-    PASS_REGISTRY,
-    PipelineResult,
-    QeffPass,
-    load_model,
-    optimize,
-    run_passes,
-    save_model,
-)
+import importlib
+from typing import Any
+
+from qeff.errors import QeffError
+
+# public name -> module that defines it
+_LAZY = {
+    "optimize": "qeff.optimizer",
+    "QeffPass": "qeff.passes",
+    "PipelineResult": "qeff.passes",
+    "run_passes": "qeff.passes",
+    "load_model": "qeff.passes",
+    "save_model": "qeff.passes",
+    "PASS_REGISTRY": "qeff.passes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qeff' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 def list_passes() -> dict[str, str]:
     """Registered pass names and their one-line summaries."""
+    from qeff.passes import PASS_REGISTRY
+
     return {name: cls.summary for name, cls in sorted(PASS_REGISTRY.items())}
 
 
-def export(**kwargs):
+def export(**kwargs: Any) -> Any:
     """Export a Hugging Face causal LM to plain ONNX (see ``qeff.frontend.export_model``)."""
     from qeff.frontend import export_model
 

@@ -97,8 +97,10 @@ def run_opt(
     quiet: bool,
     plot: Optional[Path] = None,
 ) -> None:
-    from qeff.passes import default_output_path, optimize
-    from qeff.passes.pipeline import build_passes, parse_pipeline
+    from qeff.optimizer import optimize
+    from qeff.passes import default_output_path
+    from qeff.passes.infra.pipeline import build_passes, parse_pipeline
+    from qeff.verify import describe
 
     if model is None:
         raise QeffError("no model given", "usage: qeff-opt MODEL.onnx --passes cleanup,fold [-o OUT.onnx]")
@@ -135,22 +137,8 @@ def run_opt(
 
         for name, weights in weight_errors.items():
             console.print(weight_error_table(name, weights))
-    if result.report.verification:
-        v = result.report.verification
-        if "max_rel" in v:
-            size = f"max difference {v['max_rel']:.3g} of the largest reference value"
-        else:
-            size = f"max abs difference {v['max_abs']:.3g}"
-        if "token_agreement" in v:  # generation-based (kv): tokens and logits per step
-            what = f"greedy tokens agree {v['token_agreement']} over {v['steps']} steps, logits {size}"
-        else:
-            what = f"{size} over outputs {', '.join(v['outputs'])}"
-        if "finite" in v:
-            what = f"fp16 simulation, finite; {what}"
-        if v.get("lossy"):
-            console.print(f"verify: {what} — quantized model, reported (only NaN/Inf fail without --tolerance)")
-        else:
-            console.print(f"verify: {what} (tolerance {v['tolerance']:g}) — [green]passed[/]")
+    if result.report.verification is not None:
+        console.print(f"verify: {describe(result.report.verification)}", markup=False, highlight=False)
     console.print(
         f"wrote {result.output} and {result.manifest_path.name}"
         + (f", report {report}" if report else "")
@@ -271,7 +259,7 @@ def export_command(
     if output is None:
         name = tiny if tiny else (source.resolve().name or "model")
         output = Path(f"{name}.onnx")
-    from qeff.passes.model_io import check_output_path
+    from qeff.passes.ir.model_io import check_output_path
 
     check_output_path(output)
     from qeff.frontend import export_model
@@ -383,64 +371,38 @@ def run_command(
 ) -> None:
     """Generate with a KV model (onnxruntime, or a compiled QPC on the card), streaming tokens and
     printing the stats; or run an encoder on a padded batch and print its outputs."""
-    import json as json_module
-
     from qeff.runtime import generate
-    from qeff.runtime.run import describe_outputs, encoder_batch, load_tokenizer, open_session, parse_input_ids
+    from qeff.runtime import run as runner
 
-    if text_file is not None:
-        if not text_file.is_file():
-            raise QeffError(f"--text-file {text_file} does not exist", "give a file with one input per line")
-        prompt = [line for line in text_file.read_text().splitlines() if line.strip()]
-    if bool(prompt) == bool(input_ids):
-        raise QeffError("give --prompt or --text-file (with --tokenizer), or --input-ids", "e.g. --input-ids 5,9,3")
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    if prompt and tok is None:
-        raise QeffError("--prompt and --text-file need --tokenizer DIR", "or pass token ids with --input-ids")
-    session = open_session(model, ctx_len=ctx_len, full_batch_size=full_batch_size, device_id=device_id)
-    if not session.retained:  # an encoder: one batched call
-        prompts = [tok.encode(p) for p in prompt] if prompt else [parse_input_ids(t) for t in input_ids]
-        with session:
-            feeds = encoder_batch(session, prompts, pad_id=getattr(tok, "pad_token_id", None) or 0)
-            outputs = session.run(feeds)
-        for line in describe_outputs(outputs, feeds["attention_mask"]):
-            console.print(line, markup=False, highlight=False)
-        if stats_json is not None:
-            stats_json.write_text(json_module.dumps({k: v.tolist() for k, v in outputs.items()}) + "\n")
-        return
-    prompts = [tok.encode(p, add_special_tokens=False) for p in prompt] if prompt else [parse_input_ids(t) for t in input_ids]
-    if any(not p for p in prompts):
-        raise QeffError("a prompt encodes to no tokens", "use a longer prompt")
-    eos = getattr(tok, "eos_token_id", None) if tok is not None else None
-    shown: dict[int, str] = {}
-
-    def stream(row: int, token: int) -> None:
-        if len(prompts) > 1:
-            return  # a batch is printed per prompt at the end
-        if tok is None:
-            console.print(f"{token} ", end="", highlight=False)
-            return
-        text = tok.decode(result_tokens[row] + [token], skip_special_tokens=True)
-        console.print(text[len(shown.get(row, "")):], end="", markup=False, highlight=False)
-        shown[row] = text
-        result_tokens[row].append(token)
-
-    result_tokens: list[list[int]] = [[] for _ in prompts]
+    texts = runner.read_prompts(prompt, text_file)
+    tok = runner.load_tokenizer(tokenizer) if tokenizer is not None else None
+    session = runner.open_session(model, ctx_len=ctx_len, full_batch_size=full_batch_size, device_id=device_id)
+    encoder = not session.retained
+    prompts = runner.encode_prompts(texts, input_ids, tok, special_tokens=encoder)
     with session:
-        result = generate(session, prompts, max_new_tokens, prefill_len=prefill_len, eos_token_id=eos,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stream=stream)
+        if encoder:
+            outputs, lines = runner.run_encoder(session, prompts, tok)
+            for line in lines:
+                console.print(line, markup=False, highlight=False)
+            if stats_json is not None:
+                runner.write_json(stats_json, {k: v.tolist() for k, v in outputs.items()})
+            return
+        stream = runner.TextStream(tok, len(prompts))
+
+        def show(row: int, token: int) -> None:
+            piece = stream(row, token)
+            if len(prompts) == 1:  # a batch is printed per prompt at the end
+                console.print(piece, end="", markup=False, highlight=False)
+
+        result = generate(session, prompts, max_new_tokens, prefill_len=prefill_len,
+                          eos_token_id=getattr(tok, "eos_token_id", None), temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed, stream=show)
     if len(prompts) == 1:
         console.print()
-    else:
-        for i, tokens in enumerate(result.tokens):
-            text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else " ".join(map(str, tokens))
-            console.print(f"[{i}] {text}", markup=False, highlight=False)
-    st = result.stats
-    console.print(f"prompts {len(prompts)}, prompt tokens {st.prompt_tokens}, generated {st.generated_tokens}")
-    console.print(f"TTFT {st.ttft_s * 1000:.1f} ms · decode {st.decode_tokens_per_s:,.1f} tokens/s · "
-                  f"total {st.total_tokens_per_s:,.1f} tokens/s · end to end {st.e2e_s:.3f} s")
+    for line in runner.generation_lines(result, len(prompts), stream):
+        console.print(line, markup=False, highlight=False)
     if stats_json is not None:
-        stats_json.write_text(json_module.dumps({"tokens": result.tokens, "stats": st.as_dict()}, indent=2) + "\n")
+        runner.write_json(stats_json, {"tokens": result.tokens, "stats": result.stats.as_dict()})
 
 
 def _is_encoder_folder(source: Optional[Path]) -> bool:
@@ -459,7 +421,7 @@ def _export_encoder(source: Optional[Path], tiny: Optional[str], output: Optiona
                     check: bool) -> None:
     from qeff.errors import ExportError
     from qeff.frontend.encoder import build_tiny_encoder, export_encoder, load_encoder
-    from qeff.passes.model_io import check_output_path
+    from qeff.passes.ir.model_io import check_output_path
 
     if (source is None) == (tiny is None):
         raise ExportError("give either a model folder or --tiny ARCH", "e.g. qeff export --tiny bert --task qa")

@@ -74,9 +74,9 @@ def run_demo(
     explicit ``kv:ctx_len=…`` in ``passes`` wins.
     """
     from qeff.frontend import export_model
-    from qeff.passes import optimize
-    from qeff.passes.manager import fp16_simulation_keep
-    from qeff.passes.pipeline import build_passes, parse_pipeline
+    from qeff.optimizer import optimize
+    from qeff.passes.infra.pipeline import build_passes, parse_pipeline
+    from qeff.verify import describe
 
     console = console or Console()
     workdir = Path(workdir)
@@ -106,30 +106,11 @@ def run_demo(
     result = optimize(exported.path, pipeline, out, verify=True, report_path=workdir / "report.json")
     console.print(f"2. ran {passes} → {result.output}")
     console.print(result.report.rich_table())
-    v = result.report.verification
-    what = "logit" if "token_agreement" in v else "value"
-    size = (f"max difference {v['max_rel']:.2e} of the largest reference {what}" if "max_rel" in v
-            else f"max abs {'logits ' if what == 'logit' else ''}difference {v['max_abs']:.2e}")
-    how = ("reported, not required: quantization changes the numbers" if v.get("lossy")
-           else f"tolerance {v['tolerance']:g}")
-    where = "in fp16 simulation" if "finite" in v else "in onnxruntime"
-    if "token_agreement" in v:
-        # kv verifies by generation: the rewritten model has different inputs than the original.
-        console.print(
-            f"3. verified {where} by greedy generation, KV model vs the original graph: "
-            f"tokens agree {v['token_agreement']} ({v['steps']} steps from prompts of "
-            f"{', '.join(map(str, v['prompts']))} tokens, ctx_len {v['ctx_len']}), {size} ({how})"
-        )
-    else:
-        console.print(
-            f"3. verified {where}: {size} ({how}) on inputs "
-            + ", ".join(f"{k}{tuple(s)}" for k, s in v["inputs"].items())
-        )
+    console.print(f"3. verified: {describe(result.report.verification)}", markup=False, highlight=False)
 
     generation = None
     if has_kv:
-        generation = _generate(exported.path, result.output, result.manifest.get("ctx_len"), seed,
-                               fp16_keep=fp16_simulation_keep(pipeline))
+        generation = _generate(exported.path, result.output, result.manifest.ctx_len, seed, fp16_keep=result.fp16_keep)
         _print_generation(console, generation)
 
     compiled = _dry_run_compile(console, result.output, workdir / "compile")
@@ -137,7 +118,7 @@ def run_demo(
         f"files: {result.output.name}, {result.manifest_path.name}, report.json, compile/ in {workdir} "
         f"— done in {time.perf_counter() - start:.1f} s"
     )
-    lossy = any(p.lossy for p in pipeline) or fp16_simulation_keep(pipeline) is not None
+    lossy = any(p.lossy for p in pipeline) or result.fp16_keep is not None
     if generation is not None and not all(generation.matches) and not lossy:
         from qeff.errors import VerificationError
 
@@ -169,11 +150,11 @@ def _generate(reference: Path, kv_model: Path, ctx_len: int | None, seed: int,
               fp16_keep: list[str] | None = None) -> DemoGeneration:
     """Greedy generation with OrtSession + generate (in fp16 simulation when ``fp16_keep`` is
     given), and with the original export recomputing everything."""
-    from qeff.passes.kv_runner import greedy_reference
     from qeff.runtime import OrtSession, generate
+    from qeff.verify import greedy_reference
 
     if fp16_keep is not None:
-        from qeff.passes.fp16sim import simulate_fp16
+        from qeff.passes.fp16.simulation import simulate_fp16
 
         session = OrtSession(simulate_fp16(kv_model, keep_fp32=fp16_keep).SerializeToString(), ctx_len=ctx_len)
     else:
@@ -190,8 +171,8 @@ def _generate(reference: Path, kv_model: Path, ctx_len: int | None, seed: int,
     # of the numbers of a model this small.
     generate(session, prompts, min(2, new_tokens), prefill_len=_CHUNK)
     got = generate(session, prompts, new_tokens, prefill_len=_CHUNK)
-    ref = greedy_reference(reference, prompts, new_tokens)
-    return DemoGeneration(prompts=prompts, tokens=got.tokens, reference=ref.tokens, ctx_len=ctx, chunk=_CHUNK,
+    ref_tokens, _ = greedy_reference(reference, prompts, new_tokens)
+    return DemoGeneration(prompts=prompts, tokens=got.tokens, reference=ref_tokens, ctx_len=ctx, chunk=_CHUNK,
                           stats=got.stats, fp16=fp16_keep is not None, kv_bytes_copied=session.kv_bytes_copied)
 
 

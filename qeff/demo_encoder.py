@@ -24,11 +24,12 @@ from rich.table import Table
 def run_encoder_demo(*, arch: str = "bert", task: str = "qa", workdir: Path = Path("qeff-demo-encoder"),
                      seq_len: int = 128, console: Console | None = None) -> dict:
     from qeff.backend_aic import CompileOptions, compile_model
+    from qeff.common.onnxrt import run_model
     from qeff.frontend.encoder import build_tiny_encoder, export_encoder
-    from qeff.passes import optimize
-    from qeff.passes.fp16sim import run_fp16
-    from qeff.passes.verify import run_onnxruntime
+    from qeff.optimizer import optimize
+    from qeff.passes.fp16.simulation import run_fp16
     from qeff.runtime.throughput import bench_model
+    from qeff.verify import describe
 
     console = console or Console()
     workdir = Path(workdir)
@@ -45,8 +46,7 @@ def run_encoder_demo(*, arch: str = "bert", task: str = "qa", workdir: Path = Pa
     v = result.report.verification
     console.print(f"2. ran fixed:symbols=sequence_length,fp16clip → {result.output}")
     console.print(result.report.rich_table())
-    console.print(f"   verified in fp16 simulation: finite, max difference {v['max_rel']:.2e} of the largest "
-                  f"reference value (tolerance {v['tolerance']:g})")
+    console.print(f"   verified: {describe(v)}", markup=False, highlight=False)
 
     rng = np.random.default_rng(0)
     lengths = [12, 7, 3]
@@ -54,11 +54,11 @@ def run_encoder_demo(*, arch: str = "bert", task: str = "qa", workdir: Path = Pa
     feeds = {"input_ids": np.where(mask == 1, rng.integers(3, 512, (3, 12)), 0), "attention_mask": mask}
     if "token_type_ids" in exported.inputs:
         feeds["token_type_ids"] = np.zeros_like(mask)
-    fp32, fp16 = run_onnxruntime(exported.path, feeds), run_fp16(result.output, feeds)
+    fp32, fp16 = run_model(exported.path, feeds), run_fp16(result.output, feeds)
     worst_fp16 = max(float(np.abs(fp16[k] - fp32[k]).max()) for k in fp32)
     worst_pad = 0.0
     for r, n in enumerate(lengths):
-        alone = run_onnxruntime(result.output, {k: a[r:r + 1, :n] for k, a in feeds.items()})
+        alone = run_model(result.output, {k: a[r:r + 1, :n] for k, a in feeds.items()})
         for k, a in alone.items():
             row = fp32[k][r, :n] if fp32[k].ndim >= 2 and fp32[k].shape[1] == 12 else fp32[k][r]
             worst_pad = max(worst_pad, float(np.abs(row - a[0]).max()))

@@ -17,7 +17,7 @@ given them in, but the authoritative binding order is the QPC's I/O descriptor
 (``_qaicrt.Session.io_descriptor``, an ``aicapi.IoDesc`` protobuf); check it against a real QPC.
 
 Retained state: ordinary runs pass zero-size ``past_*`` buffers and zero-size
-``*_RetainedState`` buffers, so the KV cache never crosses PCIe. Passing a ``past_*`` array
+retained-state buffers, so the KV cache never crosses PCIe. Passing a ``past_*`` array
 uploads it (replacing the state); ``reset()`` uploads zeros on the next run. The card's state is
 not readable without a run, so ``state()`` needs ``mirror_state=True``, which has each run copy the
 updated state back (a debugging aid that costs one full copy per run).
@@ -37,8 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from qeff.backend_aic.compile import PARAMS_NAME, QPC_MARKER
-from qeff.backend_aic.files import CUSTOM_IO_NAME, SPECIALIZATIONS_NAME
+from qeff.contract import CUSTOM_IO_NAME, PARAMS_NAME, QPC_DIR, QPC_MARKER, SPECIALIZATIONS_NAME
 from qeff.errors import QeffError
 from qeff.runtime import _qaicrt
 from qeff.runtime.session import Session, TensorSpec
@@ -222,7 +221,7 @@ def _locate(path: Path) -> tuple[Path, Path]:
     elif path.name == "qpc" and not (path / "qpc").is_dir():
         qpc = path / QPC_NAME
     else:
-        qpc = path / "qpc" / QPC_NAME
+        qpc = path / QPC_DIR / QPC_NAME
     folder = qpc.parent.parent if qpc.parent.name == "qpc" else qpc.parent
     if not (folder / PARAMS_NAME).is_file():
         raise QeffError(f"{path} is not a compile folder: there is no {PARAMS_NAME} in {folder}",

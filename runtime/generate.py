@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GenerationResult", "GenerationStats", "generate", "Sampler"]
+__all__ = ["GenerationResult", "GenerationStats", "generate", "Sampler", "context_length"]
 
 import collections
 import dataclasses
@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from qeff.contract import BATCH_INDEX, CTX_LEN, INPUT_IDS, LOGITS, POSITION_IDS, SEQ_LEN
 from qeff.errors import QeffError
 from qeff.runtime.session import Session
 
@@ -56,6 +57,8 @@ class GenerationResult:
     tokens: list[list[int]]  # generated tokens per prompt, in prompt order
     stats: GenerationStats
     finished_by_eos: list[bool]
+    # With keep_logits: per prompt, the logits row each token was chosen from (step 0 = prefill).
+    logits: list[list[np.ndarray]] | None = None
 
 
 class Sampler:
@@ -87,51 +90,100 @@ class Sampler:
         return int(self.rng.choice(probs.size, p=probs))
 
 
+def _static_dim(session: Session, name: str, axis: int) -> int | None:
+    dims = session.spec(name).shape
+    return dims[axis] if len(dims) > axis and isinstance(dims[axis], int) else None
+
+
 def _prefill_len(session: Session, requested: int | None) -> int:
+    static = _static_dim(session, INPUT_IDS, 1)
+    if static is not None:  # a model bound to one sequence length takes every call at it
+        if requested and requested != static:
+            raise QeffError(f"the model's sequence length is fixed at {static}; prefill_len={requested} cannot feed it",
+                            f"use prefill_len={static} or leave it out")
+        return static
     if requested:
         return requested
-    lengths = [s.get("seq_len") for s in session.specializations if s.get("seq_len")]
+    lengths = [s.get(SEQ_LEN) for s in session.specializations if s.get(SEQ_LEN)]
     return max(lengths) if lengths else 32
+
+
+def context_length(session: Session) -> int | None:
+    """How many positions the session's cache holds, when it is known."""
+    size = getattr(session, "ctx_len", None)
+    if size:
+        return int(size)
+    cache = next(iter(session.retained), None)
+    if cache is not None and _static_dim(session, cache, 2) is not None:
+        return _static_dim(session, cache, 2)
+    sizes = [s.get(CTX_LEN) for s in session.specializations if s.get(CTX_LEN)]
+    return max(sizes) if sizes else None
+
+
+def _check_fits(session: Session, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    ctx = context_length(session)
+    if ctx is None:
+        return
+    longest = max(len(p) for p in prompts)
+    if longest > ctx:
+        raise QeffError(f"a prompt of {longest} tokens does not fit the cache (ctx_len {ctx})",
+                        "use a shorter prompt or a model built with a larger ctx_len")
+    if longest + max_new_tokens - 1 > ctx:
+        raise QeffError(f"{longest} prompt tokens + {max_new_tokens} new tokens do not fit ctx_len {ctx}",
+                        "generate fewer tokens or use a larger ctx_len")
 
 
 def generate(session: Session, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
              prefill_len: int | None = None, eos_token_id: int | Sequence[int] | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             stream: Callable[[int, int], None] | None = None, reset: bool = True) -> GenerationResult:
+             stream: Callable[[int, int], None] | None = None, reset: bool = True,
+             keep_logits: bool = False) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens for each prompt (see the module docstring)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise QeffError("generate needs at least one prompt, each with at least one token")
     if max_new_tokens < 1:
         raise QeffError(f"max_new_tokens={max_new_tokens} must be at least 1")
     names = set(session.input_names)
-    if not {"input_ids", "position_ids"} <= names or not session.retained:
+    if not {INPUT_IDS, POSITION_IDS} <= names or not session.retained:
         raise QeffError("generate needs a KV-cache model (input_ids, position_ids, past_* inputs)",
                         "rewrite the model with qeff-opt --passes kv")
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     sampler = Sampler(temperature, top_k, top_p, seed)
     chunk = _prefill_len(session, prefill_len)
+    _check_fits(session, prompts, max_new_tokens)
     if reset:
         session.reset()
-    run = _Runner(session, chunk, sampler, eos, max_new_tokens, stream)
+    run = _Runner(session, chunk, sampler, eos, max_new_tokens, stream, keep_logits)
     start = time.perf_counter()
-    if "batch_index" in names:
+    if BATCH_INDEX in names:
         run.continuous(prompts)
     else:
         run.batch(prompts)
     run.stats.e2e_s = time.perf_counter() - start
     run.stats.prompt_tokens = sum(len(p) for p in prompts)
     run.stats.generated_tokens = sum(len(t) for t in run.tokens)
-    return GenerationResult(run.tokens, run.stats, run.finished)
+    return GenerationResult(run.tokens, run.stats, run.finished, run.logits if keep_logits else None)
 
 
 class _Runner:
     def __init__(self, session: Session, chunk: int, sampler: Sampler, eos: set[int], max_new: int,
-                 stream: Callable[[int, int], None] | None) -> None:
+                 stream: Callable[[int, int], None] | None, keep_logits: bool = False) -> None:
         self.session, self.chunk, self.sampler, self.eos, self.max_new, self.stream = \
             session, chunk, sampler, eos, max_new, stream
+        self.keep_logits = keep_logits
+        # A model bound to one sequence length decodes at it too: one token and pads.
+        self.decode_len = _static_dim(session, INPUT_IDS, 1) or 1
         self.stats = GenerationStats()
         self.tokens: list[list[int]] = []
+        self.logits: list[list[np.ndarray]] = []
         self.finished: list[bool] = []
+
+    def _start(self, prompts: int) -> None:
+        self.tokens, self.finished = [[] for _ in range(prompts)], [False] * prompts
+        self.logits = [[] for _ in range(prompts)]
+
+    def _decode_feeds(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((rows, self.decode_len), np.int64), np.full((rows, self.decode_len), -1, np.int64)
 
     def _emit(self, prompt: int, token: int) -> bool:
         """Record a token; True when that prompt is done."""
@@ -144,17 +196,24 @@ class _Runner:
         return len(self.tokens[prompt]) >= self.max_new
 
     def _call(self, ids: np.ndarray, pos: np.ndarray, batch_index: np.ndarray | None = None) -> np.ndarray:
-        feeds = {"input_ids": ids, "position_ids": pos}
+        feeds = {INPUT_IDS: ids, POSITION_IDS: pos}
         if batch_index is not None:
-            feeds["batch_index"] = batch_index
-        return self.session.run(feeds)["logits"]
+            feeds[BATCH_INDEX] = batch_index
+        return self.session.run(feeds)[LOGITS]
 
-    def _pick(self, logits: np.ndarray, row: int, index: int) -> int:
-        at = 0 if logits.shape[1] == 1 else index
-        return self.sampler(logits[row, at])
+    def _pick(self, logits: np.ndarray, row: int, index: int, prompt: int) -> int:
+        """Choose prompt ``prompt``'s next token from ``logits[row]`` (at ``index`` when the
+        model returns every position's logits)."""
+        scores = logits[row, 0 if logits.shape[1] == 1 else index]
+        if self.keep_logits:
+            self.logits[prompt].append(scores.copy())
+        return self.sampler(scores)
 
-    def _prefill(self, prompts: list[Sequence[int]], batch_index: np.ndarray | None = None) -> list[int]:
-        """Chunked prefill of ``prompts`` as one batch; returns each row's first token."""
+    def _prefill(self, prompts: list[Sequence[int]], batch_index: np.ndarray | None = None,
+                 owners: Sequence[int] | None = None) -> list[int]:
+        """Chunked prefill of ``prompts`` as one batch; returns each row's first token.
+        ``owners[r]`` is the prompt index row ``r`` serves (default: the row itself)."""
+        owners = list(range(len(prompts))) if owners is None else list(owners)
         b, longest = len(prompts), max(len(p) for p in prompts)
         first: list[int | None] = [None] * b
         for c in range(math.ceil(longest / self.chunk)):
@@ -167,12 +226,12 @@ class _Runner:
             logits = self._call(ids, pos, batch_index)
             for r, p in enumerate(prompts):
                 if c * self.chunk < len(p) <= (c + 1) * self.chunk:
-                    first[r] = self._pick(logits, r, len(p) - 1 - c * self.chunk)
+                    first[r] = self._pick(logits, r, len(p) - 1 - c * self.chunk, owners[r])
         return [int(t) for t in first]
 
     def batch(self, prompts: Sequence[Sequence[int]]) -> None:
         b = len(prompts)
-        self.tokens, self.finished = [[] for _ in range(b)], [False] * b
+        self._start(b)
         started = time.perf_counter()
         first = self._prefill(list(prompts))
         self.stats.prefill_s = self.stats.ttft_s = time.perf_counter() - started
@@ -180,8 +239,7 @@ class _Runner:
         positions = [len(p) for p in prompts]
         started = time.perf_counter()
         while not all(done):
-            ids = np.zeros((b, 1), np.int64)
-            pos = np.full((b, 1), -1, np.int64)  # finished rows are pads: they change nothing
+            ids, pos = self._decode_feeds(b)  # finished rows are pads: they change nothing
             for r in range(b):
                 if not done[r]:
                     ids[r, 0], pos[r, 0] = self.tokens[r][-1], positions[r]
@@ -189,14 +247,14 @@ class _Runner:
             logits = self._call(ids, pos)
             for r in range(b):
                 if not done[r]:
-                    done[r] = self._emit(r, self._pick(logits, r, 0))
+                    done[r] = self._emit(r, self._pick(logits, r, 0, r))
                     self.stats.decode_tokens += 1
         self.stats.decode_s = time.perf_counter() - started
 
     def continuous(self, prompts: Sequence[Sequence[int]]) -> None:
         """Continuous batching: ``full_batch_size`` cache rows serve a queue of prompts."""
         slots = _full_batch_size(self.session)
-        self.tokens, self.finished = [[] for _ in prompts], [False] * len(prompts)
+        self._start(len(prompts))
         queue = collections.deque(range(len(prompts)))
         active: dict[int, int] = {}  # slot -> prompt
         position: dict[int, int] = {}
@@ -206,7 +264,7 @@ class _Runner:
             while queue:
                 prompt = queue.popleft()
                 t0 = time.perf_counter()
-                token = self._prefill([prompts[prompt]], np.array([[slot]], np.int64))[0]
+                token = self._prefill([prompts[prompt]], np.array([[slot]], np.int64), [prompt])[0]
                 self.stats.prefill_s += time.perf_counter() - t0
                 if not self.stats.ttft_s:
                     self.stats.ttft_s = time.perf_counter() - started_all
@@ -217,8 +275,7 @@ class _Runner:
         for slot in range(slots):
             admit(slot)
         while active:
-            ids = np.zeros((slots, 1), np.int64)
-            pos = np.full((slots, 1), -1, np.int64)
+            ids, pos = self._decode_feeds(slots)
             for slot, prompt in active.items():
                 ids[slot, 0], pos[slot, 0] = self.tokens[prompt][-1], position[slot]
             t0 = time.perf_counter()
@@ -227,7 +284,7 @@ class _Runner:
             for slot, prompt in list(active.items()):
                 position[slot] += 1
                 self.stats.decode_tokens += 1
-                if self._emit(prompt, self._pick(logits, slot, 0)):
+                if self._emit(prompt, self._pick(logits, slot, 0, prompt)):
                     del active[slot]
                     admit(slot)
 

@@ -1,7 +1,7 @@
 """OrtSession: a Session on onnxruntime whose KV cache never leaves bound OrtValues.
 
 The retained state lives in two sets of OrtValues per cache, allocated once: each call binds
-one set as the ``past_*`` inputs and the other as the ``_RetainedState`` outputs, then the two
+one set as the ``past_*`` inputs and the other as the retained-state outputs, then the two
 swap. onnxruntime writes the new cache straight into the bound output buffer, so no call copies
 the cache to NumPy or allocates a new one (``kv_bytes_copied`` counts the bytes that did cross,
 which only ``state()`` and passing ``past_*`` arrays cause). CUDA is used when onnxruntime has it
@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from qeff.common.onnxrt import onnxruntime_session
+from qeff.contract import CTX_LEN, FULL_BATCH_SIZE, read_manifest
 from qeff.errors import QeffError
-from qeff.passes.manifest import read_manifest
 from qeff.runtime.session import Session, TensorSpec
 
 _ORT_TYPES = {
@@ -51,8 +52,6 @@ class OrtSession(Session):
                  full_batch_size: int | None = None, providers: Sequence[str] | None = None) -> None:
         import onnxruntime as ort
 
-        from qeff.passes.verify import onnxruntime_session
-
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self._session = onnxruntime_session(model if isinstance(model, bytes) else os.fspath(model), list(providers),
@@ -61,9 +60,13 @@ class OrtSession(Session):
         self.outputs = _specs(self._session.get_outputs())
         self.specializations = []
         self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
-        manifest = {} if isinstance(model, bytes) else (read_manifest(model) or {})
-        self.ctx_len = ctx_len or manifest.get("ctx_len")
-        self.full_batch_size = full_batch_size or (manifest.get("kv") or {}).get("full_batch_size")
+        try:
+            manifest = None if isinstance(model, bytes) else read_manifest(model)
+        except ValueError as e:
+            raise QeffError(f"the manifest beside the model is not valid: {e}",
+                            "re-run qeff-opt to write it again, or delete it") from None
+        self.ctx_len = ctx_len or (manifest.ctx_len if manifest else None)
+        self.full_batch_size = full_batch_size or (manifest.full_batch_size if manifest else None)
         self._state: dict[str, Any] = {}  # past input -> OrtValue read by the next call
         self._spare: dict[str, Any] = {}  # past input -> OrtValue the next call writes
         self._rows: int | None = None
@@ -73,7 +76,7 @@ class OrtSession(Session):
     # -- state ------------------------------------------------------------------------------
 
     def _cache_shape(self, name: str, rows: int) -> tuple[int, ...]:
-        sizes = {"ctx_len": self.ctx_len, "full_batch_size": self.full_batch_size}
+        sizes = {CTX_LEN: self.ctx_len, FULL_BATCH_SIZE: self.full_batch_size}
         shape = []
         for i, dim in enumerate(self.spec(name).shape):
             if isinstance(dim, int):

@@ -1,8 +1,13 @@
-"""``qeff run``: open a model or a compiled QPC, generate from prompts, stream, report the stats."""
+"""``qeff run``: open a model or a compiled QPC, turn text or ids into prompts, generate with a
+streamed, incrementally decoded output, or run an encoder on a padded batch; the CLI only
+parses options and prints what these return."""
 
 from __future__ import annotations
 
-__all__ = ["open_session", "load_tokenizer", "parse_input_ids"]
+__all__ = ["open_session", "load_tokenizer", "parse_input_ids", "read_prompts", "encode_prompts", "TextStream",
+           "run_encoder", "encoder_batch", "describe_outputs", "generation_lines", "write_json"]
+
+import json
 
 import os
 from pathlib import Path
@@ -93,3 +98,79 @@ def describe_outputs(outputs: dict[str, Any], mask: Any) -> list[str]:
             else:
                 lines.append(f"  [{r}] {real} real positions, mean {float(row[:real].mean()):.4f}")
     return lines
+
+
+def read_prompts(prompts: list[str] | None, text_file: str | os.PathLike | None) -> list[str]:
+    """The text inputs: ``--prompt`` values, or one per non-empty line of ``--text-file``."""
+    if text_file is None:
+        return list(prompts or [])
+    path = Path(text_file)
+    if not path.is_file():
+        raise QeffError(f"--text-file {path} does not exist", "give a file with one input per line")
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def encode_prompts(texts: list[str], input_ids: list[str] | None, tokenizer: Any, *,
+                   special_tokens: bool) -> list[list[int]]:
+    """Token ids per prompt, from text (with ``tokenizer``) or from ``--input-ids`` strings."""
+    if bool(texts) == bool(input_ids):
+        raise QeffError("give --prompt or --text-file (with --tokenizer), or --input-ids", "e.g. --input-ids 5,9,3")
+    if texts and tokenizer is None:
+        raise QeffError("--prompt and --text-file need --tokenizer DIR", "or pass token ids with --input-ids")
+    if texts:
+        prompts = [tokenizer.encode(t, add_special_tokens=special_tokens) for t in texts]
+    else:
+        prompts = [parse_input_ids(t) for t in input_ids or ()]
+    if any(not p for p in prompts):
+        raise QeffError("a prompt encodes to no tokens", "use a longer prompt")
+    return prompts
+
+
+class TextStream:
+    """Turns each generated token into the text it adds: the whole continuation is decoded
+    again and only the new suffix is returned, so tokens that form one character together
+    (byte-level BPE) print correctly. Without a tokenizer each token prints as its id."""
+
+    def __init__(self, tokenizer: Any, prompts: int) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[list[int]] = [[] for _ in range(prompts)]
+        self.shown: list[str] = ["" for _ in range(prompts)]
+
+    def __call__(self, row: int, token: int) -> str:
+        if self.tokenizer is None:
+            return f"{token} "
+        self.tokens[row].append(token)
+        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        piece, self.shown[row] = text[len(self.shown[row]):], text
+        return piece
+
+    def decode(self, tokens: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, tokens))
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def run_encoder(session: Session, prompts: list[list[int]], tokenizer: Any) -> tuple[dict[str, Any], list[str]]:
+    """One batched call of a model without a KV cache: (outputs, a line per output and row)."""
+    feeds = encoder_batch(session, prompts, pad_id=getattr(tokenizer, "pad_token_id", None) or 0)
+    outputs = session.run(feeds)
+    return outputs, describe_outputs(outputs, feeds["attention_mask"])
+
+
+def generation_lines(result: Any, prompts: int, stream: TextStream) -> list[str]:
+    """The text of each prompt (for a batch) and the stats, as ``qeff run`` prints them."""
+    lines = []
+    if prompts > 1:
+        lines += [f"[{i}] {stream.decode(tokens)}" for i, tokens in enumerate(result.tokens)]
+    st = result.stats
+    lines.append(f"prompts {prompts}, prompt tokens {st.prompt_tokens}, generated {st.generated_tokens}")
+    lines.append(f"TTFT {st.ttft_s * 1000:.1f} ms · decode {st.decode_tokens_per_s:,.1f} tokens/s · "
+                 f"total {st.total_tokens_per_s:,.1f} tokens/s · end to end {st.e2e_s:.3f} s")
+    return lines
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """``--stats-json``: the tokens and stats of a generation, or an encoder's outputs."""
+    from qeff.common.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

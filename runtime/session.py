@@ -1,7 +1,7 @@
 """The Session interface every backend implements (DESIGN §5): specs, specializations, run, reset.
 
 A KV-cache model has *retained state*: each ``past_*`` input is paired with a
-``past_*_RetainedState`` output. A session keeps that state inside the backend between calls
+retained-state output (:mod:`qeff.contract`). A session keeps that state inside the backend between calls
 (device memory on the card, bound OrtValues on onnxruntime): ``run`` takes the other inputs,
 returns the other outputs, and the next call reads the state the previous one wrote. Passing a
 ``past_*`` array in ``run`` replaces the state with it; ``reset`` zeroes it; ``state()`` copies
@@ -10,18 +10,17 @@ it out (for tests and debugging; never needed to generate).
 
 from __future__ import annotations
 
-__all__ = ["TensorSpec", "Session", "retained_pairs", "RETAINED_SUFFIX"]
+__all__ = ["TensorSpec", "Session"]
 
 import abc
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from qeff import contract
 from qeff.errors import QeffError
-
-RETAINED_SUFFIX = "_RetainedState"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +45,6 @@ class TensorSpec:
                                 + (f" with {dim}={want}" if isinstance(dim, str) else ""))
 
 
-def retained_pairs(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> dict[str, str]:
-    """{past input: its _RetainedState output} for every pair the model has."""
-    names = {o.name for o in outputs}
-    return {i.name: f"{i.name}{RETAINED_SUFFIX}" for i in inputs if f"{i.name}{RETAINED_SUFFIX}" in names}
-
-
 class Session(abc.ABC):
     """A loaded model that runs one call at a time (see the module docstring)."""
 
@@ -63,7 +56,7 @@ class Session(abc.ABC):
     @property
     def retained(self) -> dict[str, str]:
         """{past input: retained-state output} kept in the backend between calls."""
-        return retained_pairs(self.inputs, self.outputs)
+        return contract.retained_pairs((i.name for i in self.inputs), (o.name for o in self.outputs))
 
     @property
     def input_names(self) -> list[str]:

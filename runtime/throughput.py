@@ -54,7 +54,7 @@ def encoder_feeds(names_types: Sequence[tuple[str, np.dtype, tuple]], batch: int
 
 
 def _sessions(model: Path, count: int):
-    from qeff.passes.verify import onnxruntime_session
+    from qeff.common.onnxrt import onnxruntime_session
 
     threads = max(1, (os.cpu_count() or 1) // count)  # the CPU is shared between the instances
     return [onnxruntime_session(model, purpose=" for qeff bench", threads=threads) for _ in range(count)]

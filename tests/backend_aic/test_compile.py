@@ -15,7 +15,7 @@ from qeff import cli
 from qeff.backend_aic import CompileOptions, compile_model
 from qeff.backend_aic import compiler as compiler_mod
 from qeff.errors import QeffError
-from qeff.passes import optimize
+from qeff.optimizer import optimize
 from tests.backend_aic.standin import write_standin
 from tests.cli.test_cli import invoke
 

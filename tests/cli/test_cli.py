@@ -249,7 +249,7 @@ def test_demo_runs_the_flow(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     from rich.console import Console
 
-    from qeff.passes.kv_runner import greedy_reference
+    from qeff.verify import greedy_reference
 
     # Wide enough that no table cell wraps, so the printed tokens can be read back.
     monkeypatch.setattr(cli, "console", Console(width=300))
@@ -259,7 +259,7 @@ def test_demo_runs_the_flow(tmp_path, monkeypatch, capsys):
         monkeypatch, capsys
     )
     assert code == 0, err
-    assert "verified in onnxruntime by greedy generation" in out
+    assert "3. verified: KV model vs the original graph" in out
     report = json.loads((demo / "report.json").read_text())
     assert report["verification"]["passed"]
     assert [p["name"] for p in report["passes"]] == ["cleanup", "fold", "kv"]
@@ -275,7 +275,7 @@ def test_demo_runs_the_flow(tmp_path, monkeypatch, capsys):
     printed_kv = [[int(t) for t in row[2].split()] for row in rows]
     printed_ref = [[int(t) for t in row[3].split()] for row in rows]
     assert [len(p) for p in prompts] == [6, 3]
-    expected = greedy_reference(demo / "tiny-gpt2.onnx", prompts, 12).tokens
+    expected = greedy_reference(demo / "tiny-gpt2.onnx", prompts, 12)[0]
     assert printed_kv == expected
     assert printed_ref == expected
     assert [row[4] for row in rows] == ["✓", "✓"]
@@ -301,7 +301,7 @@ def test_demo_default_pipeline(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     report = json.loads((demo / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["cleanup", "fold", "kv", "fixed", "fp16clip", "mxfp6"]
-    assert "3. verified in fp16 simulation by greedy generation" in out and "reported, not required" in out
+    assert "3. verified: fp16 simulation, finite; KV model vs the original graph" in out and "quantized model, reported" in out
     assert "rewritten model in fp16 simulation, as the card computes" in out
     assert "tokens agree with the fp32 reference:" in out and "KV bytes copied 0" in out
     command = (demo / "compile" / "command.txt").read_text()
@@ -322,7 +322,7 @@ def test_demo_without_kv_skips_generation(tmp_path, monkeypatch, capsys):
         cli.main, ["demo", "--workdir", demo, "--arch", "gpt2", "--passes", "cleanup,fold"], monkeypatch, capsys
     )
     assert code == 0, err
-    assert "verified in onnxruntime: max abs difference" in out
+    assert "3. verified: same inputs: max abs difference" in out
     assert "greedy generation" not in out and "generation" not in out.replace("qeff demo", "")
     report = json.loads((demo / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["cleanup", "fold"]

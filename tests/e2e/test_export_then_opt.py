@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qeff.passes import optimize
-from qeff.passes.verify import sample_inputs
+from qeff.optimizer import optimize
+from qeff.passes.ir.sample_inputs import sample_inputs
 from tests.graphs import run
 
 pytest.importorskip("torch")
@@ -59,5 +59,5 @@ def test_fold_removes_legacy_shape_arithmetic(tiny_export, tmp_path):
 def test_verify_on_exported_model(tiny_export, tmp_path):
     src = tiny_export("llama")
     result = optimize(src, "cleanup,fold", tmp_path / "v.onnx", verify=True)
-    assert result.report.verification["passed"]
-    assert result.report.verification["max_abs"] <= 1e-5
+    assert result.report.verification.passed
+    assert result.report.verification.max_abs <= 1e-5

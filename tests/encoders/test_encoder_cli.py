@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qeff import cli
-from qeff.passes.verify import run_onnxruntime
+from qeff.common.onnxrt import run_model as run_onnxruntime
 from tests.cli.test_cli import invoke
 from tests.runtime.test_run_cli import tokenizer_dir
 
@@ -58,7 +58,7 @@ def test_demo_encoder(tmp_path, monkeypatch, capsys):
     code, out, err = invoke(cli.main, ["demo", "--encoder", "--workdir", tmp_path / "d"], monkeypatch, capsys)
     assert code == 0, err
     text = " ".join(out.split())
-    assert "verified in fp16 simulation: finite" in text and "inferences/s" in text
+    assert "verified: fp16 simulation, finite" in text and "inferences/s" in text
     command = (tmp_path / "d" / "compile" / "command.txt").read_text()
     assert "-onnx-define-symbol=sequence_length,128" in command and "-multicast-weights" in command
     assert "-retained-state" not in command and "custom-IO" not in command

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from qeff.passes import optimize
-from qeff.passes.fp16sim import run_fp16
-from qeff.passes.verify import run_onnxruntime
+from qeff.optimizer import optimize
+from qeff.passes.fp16.simulation import run_fp16
+from qeff.common.onnxrt import run_model as run_onnxruntime
 
 torch = pytest.importorskip("torch")
 

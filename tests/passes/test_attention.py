@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from qeff.passes.attention import explain_no_match, find_attention_sites
+from qeff.passes.kv.match import explain_no_match, find_attention_sites
 
 # KV heads of the tiny configs: GQA 2 for these, MQA for gemma and falcon (multi_query=True,
 # new_decoder_architecture=False, so HF ignores num_kv_heads=4 and uses a single KV head).

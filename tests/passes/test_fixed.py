@@ -12,9 +12,10 @@ import pytest
 import sympy
 
 from qeff.errors import PassOptionError, UnsupportedGraphError
-from qeff.passes import optimize
+from qeff.optimizer import optimize
 from qeff.passes.fixed import FixedPass
-from qeff.passes.kv_runner import KVRunner
+from qeff.runtime import OrtSession
+from tests.kv_drive import kv_step, zero_cache
 from tests.passes.test_kv import ARCHS, CTX
 
 
@@ -151,8 +152,7 @@ def test_trilu_becomes_where_with_identical_numerics(upper, k):
             y = Trilu<upper = {upper}>(x{k_input})
         }}"""
     )
-    fixed = FixedPass(FixedPass.Options(symbols=("rows", "cols")))
-    fixed(model)
+    fixed = FixedPass(FixedPass.Options(symbols=("rows", "cols")))(model)
     assert _ops(model, "Trilu") == 0
     assert fixed.details["ops_replaced"] == {"Trilu": 1}
     rng = np.random.default_rng(1)
@@ -231,17 +231,15 @@ def test_undeclared_input_symbol_is_refused_untouched():
     with pytest.raises(UnsupportedGraphError, match="'sequence_length', not a specialization symbol"):
         FixedPass(FixedPass.Options(batch_size=2))(model)
     assert [d.value for d in model.graph.inputs[0].shape] == ["batch_size", "sequence_length"]  # nothing bound
-    named = FixedPass.from_text({"symbols": "sequence_length"})
-    named(model)
+    named = FixedPass.from_text({"symbols": "sequence_length"})(model)
     assert named.details["symbols"] == ["batch_size", "sequence_length"]
-    sized = FixedPass.from_text({"sequence_length": "16", "batch_size": "2"})
-    sized(_model(text))
+    sized = FixedPass.from_text({"sequence_length": "16", "batch_size": "2"})(_model(text))
     assert sized.details["bound"] == {"sequence_length": 16, "batch_size": 2}
 
 
 # -- exported models ---------------------------------------------------------------------------
 
-def _kv_feeds(kv: KVRunner, cache: dict[str, np.ndarray], ids: np.ndarray, pos: list[list[int]]) -> dict[str, np.ndarray]:
+def _kv_feeds(cache: dict[str, np.ndarray], ids: np.ndarray, pos: list[list[int]]) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "position_ids": np.array(pos, dtype=np.int64), **cache}
 
 
@@ -251,10 +249,10 @@ def test_kv_then_fixed(tiny_export, tmp_path, arch):
     against onnxruntime's) and bound for prefill (seq_len=4) and decode (seq_len=1)."""
     kv_path = tmp_path / "kv.onnx"
     optimize(tiny_export(arch), f"kv:ctx_len={CTX}", output=kv_path)
-    kv = KVRunner(kv_path, CTX)
+    kv = OrtSession(kv_path, ctx_len=CTX)
     nodes_kv = len(ir.load(kv_path).graph)
     rng = np.random.default_rng(0)
-    cache = {n: rng.standard_normal(x.shape).astype(np.float32) for n, x in kv.new_cache(2).items()}
+    cache = {n: rng.standard_normal(x.shape).astype(np.float32) for n, x in zero_cache(kv, 2).items()}
     steps = {4: [[5, 6, 7, 8], [3, -1, -1, -1]], 1: [[9], [4]]}
     ids = {seq: rng.integers(1, 500, size=(2, seq)) for seq in steps}
 
@@ -264,7 +262,7 @@ def test_kv_then_fixed(tiny_export, tmp_path, arch):
     shape_reads = sorted(n.name for n in model.graph if n.op_type == "Shape")
     assert set(shape_reads) <= {"qeff_fixed/batch_size", "qeff_fixed/seq_len", "qeff_fixed/ctx_len"}
     assert "dims_unresolved" not in result.report.passes[-1].details
-    _assert_dims_match_runtime(model, _kv_feeds(kv, cache, ids[4], steps[4]), {"batch_size": 2, "seq_len": 4, "ctx_len": CTX})
+    _assert_dims_match_runtime(model, _kv_feeds(cache, ids[4], steps[4]), {"batch_size": 2, "seq_len": 4, "ctx_len": CTX})
     for seq, pos in steps.items():
         bound = tmp_path / f"fixed{seq}.onnx"
         optimize(kv_path, f"fixed:batch_size=2,seq_len={seq},ctx_len={CTX}", output=bound)
@@ -272,9 +270,9 @@ def test_kv_then_fixed(tiny_export, tmp_path, arch):
         assert _ops(static, "Shape") == 0
         assert _not_static(static) == []
         assert len(static.graph) < nodes_kv
-        want_logits, want_cache = kv.step(ids[seq], np.array(pos), cache)
+        want_logits, want_cache = kv_step(kv, ids[seq], np.array(pos), cache)
         for path in (symbolic, bound):
-            got_logits, got_cache = KVRunner(path, CTX).step(ids[seq], np.array(pos), cache)
+            got_logits, got_cache = kv_step(OrtSession(path, ctx_len=CTX), ids[seq], np.array(pos), cache)
             np.testing.assert_allclose(got_logits, want_logits, atol=1e-6, rtol=0)
             for name in want_cache:
                 np.testing.assert_allclose(got_cache[name], want_cache[name], atol=1e-6, rtol=0)

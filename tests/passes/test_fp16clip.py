@@ -10,11 +10,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from qeff.passes import optimize
-from qeff.passes.fp16clip import FP16ClipPass
-from qeff.passes.fp16sim import expose_float32_values, run_fp16, simulate_fp16
-from qeff.passes.kv_runner import KVRunner
-from qeff.passes.verify import run_onnxruntime
+from qeff.optimizer import optimize
+from qeff.passes.fp16.fp16clip import FP16ClipPass
+from qeff.passes.fp16.simulation import expose_float32_values, run_fp16, simulate_fp16
+from qeff.runtime import OrtSession
+from tests.kv_drive import kv_generate
+from qeff.common.onnxrt import run_model as run_onnxruntime
 from tests.passes.test_kv import ARCHS, CTX
 
 
@@ -47,8 +48,7 @@ def test_constants_are_clipped_and_infinities_kept():
         {"w": np.array([1e6, -np.inf, 3.0], np.float32)},
     )
     model = ir.serde.deserialize_model(proto)
-    clip = FP16ClipPass()
-    clip(model)
+    clip = FP16ClipPass()(model)
     assert set(clip.details["constants_clipped"]) == {"w", next(n.name for n in model.graph if n.op_type == "Constant")}
     np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), [65504.0, -np.inf, 3.0])
     constant = next(n for n in model.graph if n.op_type == "Constant").attributes["value"].as_tensor().numpy()
@@ -86,31 +86,32 @@ def test_kv_then_fp16clip_in_fp16(tiny_export, tmp_path, arch):
     kv_path, fp_path = tmp_path / "kv.onnx", tmp_path / "fp16.onnx"
     optimize(tiny_export(arch), f"kv:ctx_len={CTX}", output=kv_path)
     optimize(kv_path, "fp16clip", output=fp_path)
-    fp32 = KVRunner(kv_path, CTX)
     simulated = simulate_fp16(fp_path)
     expose_float32_values(simulated)  # every intermediate is checked, not only logits and cache
-    fp16 = KVRunner(simulated.SerializeToString(), CTX)
+    fp16 = OrtSession(simulated.SerializeToString(), ctx_len=CTX)
     nonfinite = _record_nonfinite(fp16)
     prompts = [[5, 9, 3, 7, 1, 4, 2, 8, 6], [6, 3]]  # row 2 is all pads in the second and third chunk
-    want, got = fp32.generate(prompts, 25), fp16.generate(prompts, 25)
+    want = kv_generate(kv_path, prompts, 25, ctx_len=CTX)
+    got = kv_generate(None, prompts, 25, session=fp16)
     assert not nonfinite, sorted(nonfinite)[:10]
     for row in range(2):
         agree = sum(a == b for a, b in zip(want.tokens[row][1:], got.tokens[row][1:]))
         assert agree >= 23, (row, want.tokens[row], got.tokens[row])
 
 
-def _record_nonfinite(runner: KVRunner) -> set[str]:
-    """Names of the outputs of ``runner``'s session that held NaN or Inf in any call so far."""
+def _record_nonfinite(session: OrtSession) -> set[str]:
+    """Names of the outputs of ``session`` that held NaN or Inf in any call from now on (the
+    retained cache is checked through ``state()`` after each call)."""
     seen: set[str] = set()
-    session = runner.session
+    run = session.run
 
-    class Recording:
-        def run(self, names, feeds):  # noqa: ANN001, ANN202
-            outputs = session.run(names, feeds)
-            seen.update(n for n, o in zip(names, outputs) if o.dtype.kind == "f" and not np.isfinite(o).all())
-            return outputs
+    def recording(feeds):  # noqa: ANN001, ANN202
+        outputs = run(feeds)
+        outputs_and_state = {**outputs, **session.state()}
+        seen.update(n for n, o in outputs_and_state.items() if o.dtype.kind == "f" and not np.isfinite(o).all())
+        return outputs
 
-    runner.session = Recording()
+    session.run = recording
     return seen
 
 
@@ -167,8 +168,7 @@ def test_classic_extended_mask_times_finfo_min():
     assert np.isnan(run_fp16(proto, feeds)["p"]).any()
 
     model = ir.serde.deserialize_model(proto)
-    clip = FP16ClipPass()
-    clip(model)
+    clip = FP16ClipPass()(model)
     assert len(clip.details["masks_rewritten"]) == 1 and "fmin" in clip.details["constants_clipped"]
     got = run_fp16(ir.serde.serialize_model(model), feeds)["p"]
     visible = np.exp(feeds["scores"][0, :, :3].astype(np.float64))
@@ -206,8 +206,7 @@ def test_rms_norm_square_is_rescaled_exactly(tmp_path, form):
     assert np.abs(run_fp16(proto, {"x": x})["y"] - want).max() > 0.5  # the square overflowed
 
     model = ir.serde.deserialize_model(proto)
-    clip = FP16ClipPass(samples=str(tmp_path / "samples.npz"), action="clamp")
-    clip(model)
+    clip = FP16ClipPass(samples=str(tmp_path / "samples.npz"), action="clamp")(model)
     k = clip.details["norms_rescaled"]["sq"]
     assert 2.0 ** (-2 * k) * (x64 ** 2).max() * 4 <= 65504 < 2.0 ** (2 - 2 * k) * (x64 ** 2).max() * 4
     assert clip.details["clamped"] == [] and not any(n.op_type == "Clip" for n in model.graph)
@@ -248,7 +247,7 @@ def test_calibration_on_a_model_with_one_layer_scaled_to_overflow(tmp_path):
     details = result.report.passes[-1].details
     assert len(details["norms_rescaled"]) == 3  # the norms after the scaled layer
     verification = result.report.verification
-    assert verification["finite"] and verification["max_rel"] <= 1e-2
+    assert verification.finite and verification.max_rel <= 1e-2
     manifest = json.loads((tmp_path / "calibrated.qeff.json").read_text())
     listed = (tmp_path / manifest["node_precision_info"]).read_text().splitlines()
     assert listed[0] == "FP32NodeInstanceNames:" and [n[4:] for n in listed[1:]] == details["fp32_nodes"]

@@ -12,9 +12,10 @@ import onnx_ir as ir
 import pytest
 
 from qeff.errors import PassOptionError, QeffError, UnsupportedGraphError
-from qeff.passes import optimize
-from qeff.passes.kv import KVPass
-from qeff.passes.kv_runner import KVRunner
+from qeff.optimizer import optimize
+from qeff.passes.kv.kv_pass import KVPass
+from qeff.runtime import OrtSession
+from tests.kv_drive import kv_generate, kv_step, zero_cache
 
 ARCHS = ["gpt2", "llama", "mistral", "mixtral", "qwen2", "phi3", "falcon", "gptj", "mpt", "codegen",
          "starcoder2", "gemma"]
@@ -73,9 +74,9 @@ def _hf_cache(arch: str, prompt: list[int]):
     return [(layer.keys[0].numpy(), layer.values[0].numpy()) for layer in cache.layers]
 
 
-def _check_against_hf(kv_path, arch, attn="eager", lengths=LENGTHS, atol=1e-4):
+def _check_against_hf(kv_path, arch, attn="eager", lengths=LENGTHS, atol=1e-4, prefill_cache=False):
     prompts = _prompts(lengths)
-    got = KVRunner(kv_path, CTX).generate(prompts, NEW_TOKENS, chunk=4)
+    got = kv_generate(kv_path, prompts, NEW_TOKENS, ctx_len=CTX, chunk=4, prefill_cache=prefill_cache)
     for r, prompt in enumerate(prompts):
         ref_tokens, ref_logits = _hf_generate(arch, prompt, attn)
         assert got.tokens[r] == ref_tokens, f"prompt {r}: tokens differ from HF generate"
@@ -92,7 +93,7 @@ def _check_against_hf(kv_path, arch, attn="eager", lengths=LENGTHS, atol=1e-4):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generation_matches_hf(tiny_export, tmp_path, arch):
     kv_path = _kv(tiny_export(arch), tmp_path)
-    prompts, got = _check_against_hf(kv_path, arch)
+    prompts, got = _check_against_hf(kv_path, arch, prefill_cache=True)
 
     # The retained cache after prefill equals HF's cache slot by slot; slots no valid token
     # reached (the short prompt's pads) are untouched.
@@ -165,14 +166,14 @@ def test_interface_is_the_contract(tiny_export, tmp_path):
 def test_scatter_indices_stay_in_range_with_pads(tiny_export, tmp_path):
     """A row whose last valid position is ctx_len-1 still gets in-range pad slots, and a
     fully padded row changes nothing (onnxruntime would reject an out-of-range index)."""
-    runner = KVRunner(_kv(tiny_export("llama"), tmp_path), CTX)
-    cache = runner.new_cache(2)
+    session = OrtSession(_kv(tiny_export("llama"), tmp_path), ctx_len=CTX)
+    cache = zero_cache(session, 2)
     rng = np.random.default_rng(0)
     for name in cache:
         cache[name] = rng.standard_normal(cache[name].shape).astype(np.float32)
     ids = np.array([[5, 6, 7, 8], [9, 0, 0, 0]])
     pos = np.array([[CTX - 1, -1, -1, -1], [-1, -1, -1, -1]])
-    logits, new = runner.step(ids, pos, cache)
+    logits, new = kv_step(session, ids, pos, cache)
     assert np.isfinite(logits).all()
     for name in cache:
         changed = np.argwhere(np.any(new[name] != cache[name], axis=-1))
@@ -190,20 +191,22 @@ def test_continuous_batching_reuses_a_dirty_row(tiny_export, tmp_path):
     model = ir.load(path)
     assert model.graph.inputs[-1].name == "batch_index"
     assert model.graph.inputs[2].shape[0].value == "full_batch_size"
-    runner = KVRunner(path, CTX)
-    long_prompt, other, short_prompt = _prompts((12, 6, 5), seed=7)
+    # Three cache rows; generate() fills the slots in order, so the long prompt takes slot 0.
+    session = OrtSession(path, ctx_len=CTX, full_batch_size=3)
+    long_prompt, other, third, short_prompt = _prompts((12, 6, 3, 5), seed=7)
 
-    used = runner.generate([long_prompt, other], 10, cache=runner.new_cache(3), rows=[1, 2]).cache
-    assert used["past_key.0"][1, :, 12:21].any()  # row 1 holds K/V beyond the next prompt's length
-    reused = runner.generate([short_prompt], 16, cache={k: v.copy() for k, v in used.items()}, rows=[1])
-    fresh = runner.generate([short_prompt], 16, rows=[0])
+    used = kv_generate(None, [long_prompt, other, third], 10, session=session).cache
+    assert used["past_key.0"][0, :, 12:21].any()  # slot 0 holds K/V beyond the next prompt's length
+    # The next prompt goes into the first free slot, 0: dirty beyond its length.
+    reused = kv_generate(None, [short_prompt], 16, session=session, reset=False)
+    fresh = kv_generate(None, [short_prompt], 16, session=OrtSession(path, ctx_len=CTX, full_batch_size=3))
     assert reused.tokens == fresh.tokens
     for a, b in zip(reused.logits[0], fresh.logits[0]):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     hf_tokens, _ = _hf_generate("llama", short_prompt)
     assert reused.tokens[0] == hf_tokens[:16]
     for name in used:  # the other rows were not touched
-        np.testing.assert_array_equal(reused.cache[name][[0, 2]], used[name][[0, 2]])
+        np.testing.assert_array_equal(reused.cache[name][[1, 2]], used[name][[1, 2]])
 
 
 # --- options ----------------------------------------------------------------------------------
@@ -215,7 +218,7 @@ def test_kv_dtype_float16(tiny_export, tmp_path):
     assert all(v.dtype == ir.DataType.FLOAT16 for v in model.graph.inputs[2:])
     assert all(v.dtype == ir.DataType.FLOAT16 for v in model.graph.outputs[1:])
     prompts = _prompts()
-    got = KVRunner(path, CTX).generate(prompts, NEW_TOKENS)
+    got = kv_generate(path, prompts, NEW_TOKENS, ctx_len=CTX)
     for r, prompt in enumerate(prompts):
         ref_tokens, ref_logits = _hf_generate("llama", prompt)
         agree = sum(a == b for a, b in zip(got.tokens[r], ref_tokens))
@@ -227,10 +230,10 @@ def test_logits_all(tiny_export, tmp_path):
     import torch
 
     path = _kv(tiny_export("gpt2"), tmp_path, logits="all")
-    runner = KVRunner(path, CTX)
+    session = OrtSession(path, ctx_len=CTX)
     prompt = _prompts((6,))[0]
     ids = np.array([prompt])
-    logits, _ = runner.step(ids, np.arange(6)[None], runner.new_cache(1))
+    logits, _ = kv_step(session, ids, np.arange(6)[None])
     assert logits.shape == (1, 6, 512)
     with torch.no_grad():
         ref = _torch_model("gpt2")(torch.tensor(ids)).logits.numpy()
@@ -282,11 +285,11 @@ def test_position_table_bounds_ctx_len(tiny_export):
 
 
 def test_refuses_prompt_longer_than_ctx_len(tiny_export, tmp_path):
-    runner = KVRunner(_kv(tiny_export("llama"), tmp_path), CTX)
+    session = OrtSession(_kv(tiny_export("llama"), tmp_path), ctx_len=CTX)
     with pytest.raises(QeffError, match="does not fit"):
-        runner.generate([list(range(1, CTX + 2))], 1)
+        kv_generate(None, [list(range(1, CTX + 2))], 1, session=session)
     with pytest.raises(QeffError, match="do not fit"):
-        runner.generate([list(range(1, 30))], 20)
+        kv_generate(None, [list(range(1, 30))], 20, session=session)
 
 
 def test_refuses_an_unrecognised_layer_naming_it(tiny_export):
@@ -319,8 +322,8 @@ def test_sliding_window_matches_hf_mistral(tmp_path):
     path = export_causal_lm(model, tmp_path / "mistral-sw.onnx", external_data=False, progress=False)
     kv_path = _kv(path, tmp_path, sliding_window=6)
     prompts = _prompts()
-    got = KVRunner(kv_path, CTX).generate(prompts, 12)
-    windowless = KVRunner(_kv(path, tmp_path, name="nowindow"), CTX).generate(prompts, 12)
+    got = kv_generate(kv_path, prompts, 12, ctx_len=CTX)
+    windowless = kv_generate(_kv(path, tmp_path, name="nowindow"), prompts, 12, ctx_len=CTX)
     for r, prompt in enumerate(prompts):
         ids = torch.tensor([prompt])
         with torch.no_grad():
@@ -341,7 +344,7 @@ def test_three_d_attention_node_with_gqa(tmp_path, after_head):
     that is not known to act per token, the last token is gathered from the logits instead."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from qeff.passes.kv_runner import verify_kv_model
+    from qeff.verify import verify_kv_model
 
     rng = np.random.default_rng(0)
     vocab, hidden, heads, kv_heads, head_dim = 50, 16, 2, 1, 8
@@ -378,4 +381,4 @@ def test_three_d_attention_node_with_gqa(tmp_path, after_head):
     else:
         assert producer.op_type == "GatherND" and producer.inputs[0].producer().op_type == after_head
     result = verify_kv_model(source, kv_path, ctx_len=24)
-    assert result["token_agreement"] == "32/32" and result["max_abs"] < 1e-5
+    assert result.token_agreement == "32/32" and result.max_abs < 1e-5

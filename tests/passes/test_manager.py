@@ -5,7 +5,8 @@ import onnx_ir as ir
 import pytest
 
 from qeff.errors import UnsupportedGraphError, VerificationError
-from qeff.passes import PASS_REGISTRY, QeffPass, optimize, run_passes, as_ir_model
+from qeff.optimizer import optimize
+from qeff.passes import PASS_REGISTRY, QeffPass, as_ir_model, run_passes
 from tests.graphs import mlp_model, save
 
 
@@ -54,9 +55,9 @@ def test_verify_tolerance_is_honoured(tmp_path):
     src = save(mlp_model()[0], tmp_path / "m.onnx")
     result = optimize(src, "t_break", tmp_path / "o.onnx", verify=True, tolerance=10.0)
     v = result.report.verification
-    assert v["passed"] and 0 < v["max_abs"] < 10
+    assert v.passed and 0 < v.max_abs < 10
     # the generated inputs follow the model's symbolic dims
-    assert v["inputs"]["x"] == [2, 8, 4]
+    assert v.inputs["x"] == [2, 8, 4]
 
 
 def test_precondition_errors_surface_as_user_errors():

@@ -11,11 +11,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from qeff.passes import optimize
-from qeff.passes.kv_runner import verify_kv_model
+from qeff.optimizer import optimize
 from qeff.passes.mx import quantize_dequantize_numpy
 from qeff.passes.mx import stream as mx_stream
-from qeff.passes.mx_weights import MXFP4Pass, MXFP6Pass, MXINT8Pass
+from qeff.passes.mx.weights import MXFP4Pass, MXFP6Pass, MXINT8Pass
+from qeff.verify import verify_kv_model
 from tests.passes.test_kv import ARCHS, CTX
 
 _GRAPH = """<ir_version: 10, opset_import: ["" : 18]>
@@ -61,8 +61,8 @@ def test_each_weight_is_quantized_along_its_reduction_axis():
     proto = _model(rng)
     original = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     model = ir.serde.deserialize_model(proto)
-    mx = MXFP6Pass()
-    assert mx(model).modified
+    mx = MXFP6Pass()(model)
+    assert mx.modified
     expected_axis = {"w_kn": 0, "w_nk": 1, "w_gemm": 0, "head": 0}
     for name, axis in expected_axis.items():
         want = quantize_dequantize_numpy(original[name], "fp6_e2m3", axis=axis)
@@ -82,8 +82,7 @@ def test_quantizing_again_gives_the_same_weights():
     model = ir.serde.deserialize_model(_model(np.random.default_rng(1)))
     MXFP4Pass()(model)
     once = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
-    second = MXFP4Pass()
-    second(model)
+    second = MXFP4Pass()(model)
     for name, array in once.items():
         np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), array)
     assert all(w["max_abs_error"] == 0 for w in second.details["weights"].values())
@@ -91,13 +90,11 @@ def test_quantizing_again_gives_the_same_weights():
 
 def test_skip_size_and_lm_head_options():
     model = ir.serde.deserialize_model(_model(np.random.default_rng(2)))
-    mx = MXINT8Pass.from_text({"skip": "w_g*|nothing", "min_size": "100", "keep_lm_head": "true"})
-    mx(model)
+    mx = MXINT8Pass.from_text({"skip": "w_g*|nothing", "min_size": "100", "keep_lm_head": "true"})(model)
     assert mx.details["skipped"] == {"w_gemm": "matches skip", "tied": "fewer than 100 elements",
                                      "head": "fewer than 100 elements"}
     model = ir.serde.deserialize_model(_model(np.random.default_rng(2)))
-    mx = MXINT8Pass(keep_lm_head=True)
-    mx(model)
+    mx = MXINT8Pass(keep_lm_head=True)(model)
     assert mx.details["skipped"] == {"head": "lm_head (keep_lm_head)"}
 
 
@@ -128,19 +125,24 @@ def test_external_weights_are_streamed_in_chunks(tmp_path, monkeypatch):
     assert details["weights"]["w_kn"]["sqnr_db"] == pytest.approx(sqnr, abs=1e-3)  # measured while written
 
 
-_AGREEMENT: dict[str, str] = {}
+# Greedy tokens (of 16: two prompts, 8 steps) that kv,mxfp6 shares with the fp32 original, as
+# measured and stated in README. Random tiny models have near-tied logits, so one flip changes
+# the rest: these are floors that catch a quantization gone wrong, not a quality measure.
+MXFP6_AGREEMENT = {"gpt2": 16, "llama": 5, "mistral": 5, "mixtral": 3, "qwen2": 11, "phi3": 1, "falcon": 9,
+                   "gptj": 8, "mpt": 9, "codegen": 9, "starcoder2": 9, "gemma": 16}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kv_then_mxfp6_on_the_tiny_architectures(tiny_export, tmp_path, arch):
-    """kv,mxfp6 runs for every architecture: every MatMul weight quantized with a finite SQNR,
-    greedy tokens reported against the fp32 original (no threshold: the weights are random)."""
+    """kv,mxfp6 runs for every architecture: every MatMul weight quantized at about 31 dB SQNR
+    (README), and greedy tokens agree with the fp32 original at least as often as README says."""
     path = tmp_path / "mx.onnx"
     result = optimize(tiny_export(arch), f"kv:ctx_len={CTX},mxfp6", output=path)
     details = result.report.passes[-1].details
     assert details["weights_quantized"] >= 4
     assert all(15 < w["sqnr_db"] < 60 for w in details["weights"].values()), details["weights"]
+    assert 30 <= details["min_sqnr_db"] <= 32, details["min_sqnr_db"]
     summary = verify_kv_model(tiny_export(arch), path, ctx_len=CTX, max_new_tokens=8)
-    assert summary["steps"] == 8 and np.isfinite(summary["max_abs"])
-    _AGREEMENT[arch] = summary["token_agreement"]
-    print(f"{arch}: min SQNR {details['min_sqnr_db']:.1f} dB, tokens vs fp32 {summary['token_agreement']}")
+    assert summary.steps == 8 and np.isfinite(summary.max_abs)
+    agree, total = map(int, summary.token_agreement.split("/"))
+    assert total == 16 and agree >= MXFP6_AGREEMENT[arch], f"{arch}: tokens vs fp32 {summary.token_agreement}"

@@ -7,9 +7,10 @@ import onnx_ir as ir
 import pytest
 
 from qeff.errors import PassOptionError, PassSequenceError
-from qeff.passes import PASS_REGISTRY, QeffPass, optimize, parse_pipeline
-from qeff.passes.base import describe_options, parse_option_value
-from qeff.passes.pipeline import build_passes, validate_sequence
+from qeff.optimizer import optimize
+from qeff.passes import PASS_REGISTRY, QeffPass, parse_pipeline
+from qeff.passes.infra.base import describe_options, parse_option_value
+from qeff.passes.infra.pipeline import build_passes, validate_sequence
 from tests.graphs import mlp_model, save
 
 
@@ -125,12 +126,12 @@ def test_order_rules():
 def test_history_travels_with_the_model(tmp_path):
     src = save(mlp_model()[0], tmp_path / "m.onnx")
     first = optimize(src, "t_once", tmp_path / "a.onnx")
-    assert first.manifest["passes"][0]["name"] == "t_once"
+    assert first.manifest.passes[0]["name"] == "t_once"
     with pytest.raises(PassSequenceError, match="already applied"):
         optimize(first.output, "t_once", tmp_path / "b.onnx")
     second = optimize(first.output, "t_needs", tmp_path / "b.onnx")
     # The manifest beside the input is carried forward.
-    assert [p["name"] for p in second.manifest["passes"]] == ["t_once", "t_needs"]
+    assert [p["name"] for p in second.manifest.passes] == ["t_once", "t_needs"]
     assert second.output == tmp_path / "b.onnx" and second.output.exists()
 
 

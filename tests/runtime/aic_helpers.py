@@ -140,7 +140,7 @@ def standin_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def kv_model(tiny_export, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from qeff.passes import optimize
+    from qeff.optimizer import optimize
 
     folder = tmp_path_factory.mktemp("aic-model")
     return Path(optimize(tiny_export("llama"), "kv:ctx_len=32", output=folder / "kv.onnx").output)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qeff.errors import QeffError
-from qeff.passes import optimize
+from qeff.optimizer import optimize
 from qeff.runtime import OrtSession, Sampler, generate
 from tests.passes.test_kv import ARCHS
 
@@ -123,7 +123,7 @@ def test_sampler_follows_top_k_and_top_p():
 
 def test_simulations_run_through_the_session(tiny_export, tmp_path):
     """The mxint8kv and fp16 simulations are ordinary graphs: they generate through OrtSession."""
-    from qeff.passes.fp16sim import simulate_fp16
+    from qeff.passes.fp16.simulation import simulate_fp16
 
     model = optimize(tiny_export("llama"), f"kv:ctx_len={CTX},mxint8kv,fp16clip", output=tmp_path / "m.onnx").output
     tokens = generate(OrtSession(simulate_fp16(model).SerializeToString(), ctx_len=CTX), PROMPTS[:2], 8).tokens

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from qeff import cli
-from qeff.passes import optimize
-from qeff.passes.kv_runner import greedy_reference
+from qeff.optimizer import optimize
+from qeff.verify import greedy_reference
 from tests.cli.test_cli import invoke
 
 
@@ -35,7 +35,7 @@ def kv_model(tiny_export, tmp_path_factory):
 
 def test_prompt_streams_text_and_prints_stats(tiny_export, kv_model, tokenizer_dir, tmp_path, monkeypatch, capsys):
     prompt = [5, 9, 3, 7, 100, 42]
-    expected = greedy_reference(tiny_export("llama"), [prompt], 10).tokens[0]
+    expected = greedy_reference(tiny_export("llama"), [prompt], 10)[0][0]
     if 1 in expected:  # </s> is EOS: generation stops there
         expected = expected[:expected.index(1) + 1]
     stats = tmp_path / "stats.json"
@@ -52,7 +52,7 @@ def test_prompt_streams_text_and_prints_stats(tiny_export, kv_model, tokenizer_d
 
 def test_input_ids_batch(tiny_export, kv_model, monkeypatch, capsys):
     prompts = [[5, 9, 3], [8, 8]]
-    expected = greedy_reference(tiny_export("llama"), prompts, 6).tokens
+    expected = greedy_reference(tiny_export("llama"), prompts, 6)[0]
     code, out, err = invoke(cli.main, ["run", kv_model, "--input-ids", "5,9,3", "--input-ids", "8 8",
                                        "--max-new-tokens", "6"], monkeypatch, capsys)
     assert code == 0, err

@@ -8,16 +8,22 @@ record what it did:
 - ``Options``: a dataclass whose typed fields are the pass's options (``name:key=value``);
 - ``requires``: passes that must have run before (in this pipeline or an earlier one);
 - ``once``: the pass may be applied to a model at most once;
-- ``details``: a dict the pass fills while running; it goes into the report;
+- ``lossy``: the pass changes the model's numbers by design (quantization);
 - ``progress``: set by the manager when a progress bar may be shown (passes that walk every
-  weight show one through :func:`qeff.passes.progress.bytes_progress`).
+  weight show one through :func:`qeff.common.progress.bytes_progress`).
+
+``call`` returns a :class:`QeffPassResult`: besides the model and a truthful ``modified`` it
+carries what the pass did (``details``, for the report), the manifest sections it sets
+(``manifest``), and, for a pass that prepares the model for fp16 compute, the values the card
+keeps in fp32 (``fp16_keep``). Nothing is stashed on the pass object between calls.
 
 Subclassing registers the pass; ``PASS_REGISTRY`` maps names to classes.
 """
 
 from __future__ import annotations
 
-__all__ = ["QeffPass", "NoOptions", "PASS_REGISTRY", "get_pass", "parse_option_value", "describe_options"]
+__all__ = ["QeffPass", "QeffPassResult", "NoOptions", "PASS_REGISTRY", "get_pass", "parse_option_value",
+           "describe_options"]
 
 import dataclasses
 import difflib
@@ -38,6 +44,15 @@ PASS_REGISTRY: dict[str, type[QeffPass]] = {}
 @dataclasses.dataclass(frozen=True)
 class NoOptions:
     """This pass takes no options."""
+
+
+@dataclasses.dataclass
+class QeffPassResult(ir.passes.PassResult):
+    """What a qeff pass returns (see the module docstring)."""
+
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fp16_keep: tuple[str, ...] | None = None
 
 
 class QeffPass(ir.passes.InPlacePass):
@@ -70,7 +85,6 @@ class QeffPass(ir.passes.InPlacePass):
         elif kwargs:
             options = dataclasses.replace(options, **kwargs)
         self.options = options
-        self.details: dict[str, Any] = {}
         self.progress = False
 
     @classmethod
@@ -102,24 +116,6 @@ class QeffPass(ir.passes.InPlacePass):
 
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
-
-    def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
-        """Record what the backend needs to know about this pass (KV layout, MX format, …)."""
-
-    def verify(self, reference: Any, candidate: Any, tolerance: float, *, fp16: bool = False) -> dict[str, Any] | None:
-        """Compare model files for ``--verify`` when this pass changes the model's interface.
-
-        Return None (the default) to let the generic same-inputs comparison run; a pass such
-        as ``kv`` that changes how the model is driven returns its own summary, which must
-        hold ``passed``, ``max_abs`` and ``tolerance``. With ``fp16`` the candidate is an fp16
-        simulation and ``tolerance`` is relative to the reference's largest output value.
-        """
-        return None
-
-    def fp16_simulation(self) -> tuple[str, ...] | None:
-        """When this pass prepares the model for fp16 compute: the values the card keeps in
-        fp32 (``--verify`` then runs the model in fp16 simulation). None otherwise."""
-        return None
 
 
 def get_pass(name: str) -> type[QeffPass]:

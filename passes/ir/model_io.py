@@ -26,8 +26,6 @@ __all__ = [
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -35,8 +33,9 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from qeff.common.atomic import Staging
+from qeff.common.progress import bytes_progress
 from qeff.errors import ModelLoadError, OutputPathError
-from qeff.passes.progress import bytes_progress
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +179,8 @@ def check_output_path(output: str | os.PathLike, *, inputs: set[Path] = frozense
 
 
 class StagedModel:
-    """A model written into a temporary folder beside its destination, not yet visible there.
+    """A model written into a temporary folder beside its destination, not yet visible there
+    (:class:`qeff.common.atomic.Staging`).
 
     ``path`` is the staged model file (readable, e.g. by onnxruntime for verification);
     ``commit()`` renames the data file and then the model into place; ``discard()`` removes
@@ -202,11 +202,8 @@ class StagedModel:
             )
         self.external_data = external_data
         self.data_name = self.destination.name + ".data"
-        parent = self.destination.resolve().parent
-        self._dir = Path(
-            tempfile.mkdtemp(prefix=f".{self.destination.name}.", suffix=".tmp", dir=parent)
-        )
-        self.path = self._dir / self.destination.name
+        self._staging = Staging(self.destination)
+        self.path = self._staging.path
         try:
             if external_data:
                 _save_external(model, self.path, self.data_name, progress)
@@ -217,21 +214,14 @@ class StagedModel:
             raise
 
     def commit(self) -> Path:
-        parent = self.destination.resolve().parent
-        staged_data = self._dir / self.data_name
-        final_data = parent / self.data_name
-        if staged_data.exists():
-            os.replace(staged_data, final_data)
-        elif final_data.exists():
-            # A stale data file from an earlier external save would mislead readers.
-            final_data.unlink()
-        os.replace(self.path, parent / self.destination.name)
-        self.discard()
+        # Without a staged data file a stale one at the destination is removed: it would
+        # mislead readers.
+        self._staging.commit(companions=[self.data_name])
         logger.info("saved %s (external data: %s)", self.destination, self.external_data)
         return self.destination
 
     def discard(self) -> None:
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._staging.discard()
 
     def __enter__(self) -> StagedModel:
         return self

@@ -19,8 +19,8 @@ import numpy as np
 import onnx_ir as ir
 import sympy
 
-from qeff.passes.graph_edit import add_initializer
-from qeff.passes.symbolic_shapes import Expr, SymbolicShapes
+from qeff.passes.ir.builder import add_initializer
+from qeff.passes.ir.symbolic_shapes import Expr, SymbolicShapes
 
 logger = logging.getLogger(__name__)
 

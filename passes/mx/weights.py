@@ -15,11 +15,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from qeff.common.progress import bytes_progress
 from qeff.errors import PassOptionError
-from qeff.passes.base import QeffPass
+from qeff.passes.infra.base import QeffPass, QeffPassResult
+from qeff.passes.ir.builder import unique_name
 from qeff.passes.mx.formats import ElementFormat, element_format
 from qeff.passes.mx.stream import WeightError, quantize_tensor
-from qeff.passes.progress import bytes_progress
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class MXWeightPass(QeffPass):
         lm_head = _logits_producers(graph) if options.keep_lm_head else set()
         plan, skipped = self._plan(graph, lm_head)
         report: dict[str, dict[str, Any]] = {}
-        self.details = {"format": element.name, "weights": report, "skipped": skipped, "weights_quantized": 0}
+        details = {"format": element.name, "weights": report, "skipped": skipped, "weights_quantized": 0}
         total = sum(v.const_value.nbytes for v, _ in plan)
         with bytes_progress(total, f"{self.name}: quantizing weights", self.progress) as advance:
             for value, uses in plan:
@@ -152,19 +153,23 @@ class MXWeightPass(QeffPass):
                     "name": value.name, "shape": [int(d) for d in quantized.shape.numpy()], "axis": uses[0].axis}
                 if error is None:  # streamed: measured as the weight is written
                     entry.update(sqnr_db=None, max_abs_error=None)
-                    quantized.measured = functools.partial(self._measured, entry)
+                    quantized.measured = functools.partial(_measured, details, entry)
                 else:
-                    self._measured(entry, error)
+                    _measured(details, entry, error)
                 self._install(graph, value, uses, quantized)
                 advance(value.const_value.nbytes)
-        self.details["weights_quantized"] = len(report)
-        return ir.passes.PassResult(model, bool(report))
+        details["weights_quantized"] = len(report)
+        return QeffPassResult(model, bool(report), details=details, manifest={"mx": self._manifest(len(report))})
 
-    def _measured(self, entry: dict[str, Any], error: WeightError) -> None:
-        entry.update(sqnr_db=round(error.sqnr_db, 3), max_abs_error=error.max_abs)
-        measured = [w["sqnr_db"] for w in self.details["weights"].values()
-                    if w["sqnr_db"] is not None and np.isfinite(w["sqnr_db"])]
-        self.details["min_sqnr_db"] = min(measured) if measured else None
+    def _manifest(self, quantized: int) -> dict[str, Any]:
+        o = self.options
+        section = {"pass": self.name, "format": self.fmt, "block": o.block, "rounding": o.rounding,
+                   "scale": o.scale, "weights": quantized}
+        if self.fmt == "int8":
+            section["int8"] = o.int8
+        if self.compiler_flag:
+            section["compiler_flag"] = self.compiler_flag
+        return section
 
     def _kernel_options(self, element: ElementFormat) -> dict[str, Any]:
         o = self.options
@@ -197,33 +202,25 @@ class MXWeightPass(QeffPass):
         if not others:
             value.const_value = quantized
             return
-        copy = ir.Value(name=_unique(graph, f"{value.name}/mx"), shape=value.shape, type=value.type,
+        copy = ir.Value(name=unique_name(graph, f"{value.name}/mx"), shape=value.shape, type=value.type,
                         const_value=quantized)
         graph.register_initializer(copy)
         for u in uses:
             u.node.replace_input_with(u.index, copy)
 
-    def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
-        o = self.options
-        manifest["mx"] = {"pass": self.name, "format": self.fmt, "block": o.block, "rounding": o.rounding,
-                          "scale": o.scale, "weights": self.details.get("weights_quantized", 0)}
-        if self.fmt == "int8":
-            manifest["mx"]["int8"] = o.int8
-        if self.compiler_flag:
-            manifest["mx"]["compiler_flag"] = self.compiler_flag
+
+
+def _measured(details: dict[str, Any], entry: dict[str, Any], error: WeightError) -> None:
+    """Record one weight's error in the pass's details (a streamed weight reports at save time)."""
+    entry.update(sqnr_db=round(error.sqnr_db, 3), max_abs_error=error.max_abs)
+    measured = [w["sqnr_db"] for w in details["weights"].values()
+                if w["sqnr_db"] is not None and np.isfinite(w["sqnr_db"])]
+    details["min_sqnr_db"] = min(measured) if measured else None
 
 
 def _report_key(report: dict[str, Any], value: ir.Value) -> str:
     label = weight_label(value)
     return label if label not in report else value.name
-
-
-def _unique(graph: ir.Graph, name: str) -> str:
-    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
-    candidate, i = name, 1
-    while candidate in taken:
-        candidate, i = f"{name}_{i}", i + 1
-    return candidate
 
 
 class MXFP6Pass(MXWeightPass):

@@ -26,7 +26,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qeff.errors import PassOptionError, PassSequenceError
-from qeff.passes.base import QeffPass, get_pass
+from qeff.passes.infra.base import QeffPass, get_pass
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qeff.passes.graph_edit import add_initializer
+from qeff.passes.ir.builder import add_initializer
 
 logger = logging.getLogger(__name__)
 

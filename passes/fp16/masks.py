@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qeff.passes.graph_edit import add_initializer, reroute_uses
+from qeff.passes.ir.builder import add_initializer, reroute_uses
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qeff.errors import PassOptionError
-from qeff.passes.fp16_masks import FP16_MAX, SAFE_FILL
-from qeff.passes.fp16sim import expose_float32_values
-from qeff.passes.graph_edit import add_initializer, reroute_uses
-from qeff.passes.verify import onnxruntime_session
+from qeff.passes.fp16.masks import FP16_MAX, SAFE_FILL
+from qeff.passes.fp16.simulation import expose_float32_values
+from qeff.passes.ir.builder import add_initializer, reroute_uses
+from qeff.common.onnxrt import onnxruntime_session
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _HEADROOM = 4.0
 def calibration_feeds(model: ir.Model, count: int, samples: str | None) -> list[dict[str, np.ndarray]]:
     """The inputs to calibrate on: the arrays of ``samples`` (.npz, first axis = sample) or
     ``count`` generated ones."""
-    from qeff.passes.verify import sample_inputs
+    from qeff.passes.ir.sample_inputs import sample_inputs
 
     if not samples:
         return [sample_inputs(model, seed=i) for i in range(count)]

@@ -13,9 +13,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qeff.errors import UnsupportedGraphError
-from qeff.passes.base import QeffPass
-from qeff.passes.graph_edit import add_initializer, reroute_uses
-from qeff.passes.kv_builder import CACHE_INPUT, cache_inputs_in_layer_order
+from qeff.passes.infra.base import QeffPass, QeffPassResult
+from qeff.passes.ir.builder import GraphBuilder, reroute_uses
+from qeff.contract import cache_inputs_in_layer_order, is_cache_input, is_retained_output
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ class MXINT8KVPass(QeffPass):
     """Make attention read the KV cache as MXINT8 values, as the card stores it with custom IO ``mxint8``.
 
     Rules:
-    1. After each cache write (the ``ScatterND`` into ``past_key.{i}``/``past_value.{i}``) the
+    1. After each cache write (the ``ScatterND`` into a cache input of the KV contract) the
        whole updated cache goes through an MXINT8 quantize-dequantize in standard ONNX ops, so
-       attention and the ``_RetainedState`` output both see exactly the stored values. Cached
+       attention and the retained-state output both see exactly the stored values. Cached
        values are already on the grid and come out unchanged (quantization is idempotent).
     2. Blocks of ``block`` run along ``head_dim`` (zero-padded at the end); elements are
        code/64 × 2^s with codes ±127, ties to even — bit-identical to
@@ -54,10 +54,10 @@ class MXINT8KVPass(QeffPass):
         writes = []
         for node in graph:
             data = node.inputs[0] if node.op_type == "ScatterND" and node.inputs else None
-            if data is not None and data in graph.inputs and CACHE_INPUT.match(data.name or ""):
+            if data is not None and data in graph.inputs and is_cache_input(data.name):
                 writes.append((node, data))
         if not writes:
-            raise UnsupportedGraphError("mxint8kv: no cache write (ScatterND into past_key.{i}) found",
+            raise UnsupportedGraphError("mxint8kv: no cache write (ScatterND into a cache input) found",
                                         "run the kv pass first")
         for node, past in writes:
             if past.dtype != ir.DataType.FLOAT:
@@ -75,14 +75,10 @@ class MXINT8KVPass(QeffPass):
             reroute_uses(written, quantized, nodes[0], 0)
             if quantized in graph.outputs:  # the interface keeps the name, for the stored values
                 written.name, quantized.name = f"{name}/unquantized", name
-        self.details = {"caches": [past.name for _, past in writes], "block": self.options.block}
-        return ir.passes.PassResult(model, True)
-
-    def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
-        names = cache_inputs_in_layer_order(v.name for v in model.graph.inputs)
-        names += [v.name for v in model.graph.outputs if (v.name or "").endswith("_RetainedState")]
-        manifest.setdefault("custom_io", {}).update({name: "mxint8" for name in names})
-        manifest.setdefault("kv", {})["precision"] = "mxint8"
+        names = cache_inputs_in_layer_order(v.name for v in graph.inputs)
+        names += [v.name for v in graph.outputs if is_retained_output(v.name)]
+        return QeffPassResult(model, True, details={"caches": [past.name for _, past in writes], "block": self.options.block},
+                              manifest={"custom_io": {name: "mxint8" for name in names}, "kv": {"precision": "mxint8"}})
 
 
 def mxint8_qdq(graph: ir.Graph, x: ir.Value, length: int, block: int, scale: str,
@@ -97,16 +93,13 @@ def mxint8_qdq(graph: ir.Graph, x: ir.Value, length: int, block: int, scale: str
     size = min(block, length)
     blocks = math.ceil(length / size)
     padded = blocks * size
-    nodes: list[ir.Node] = []
+    b = GraphBuilder(graph, 18, prefix)
 
     def const(name: str, array: Any, dtype: Any = np.float32) -> ir.Value:
-        return add_initializer(graph, f"{prefix}/const/{name}", np.asarray(array, dtype=dtype))
+        return b.const(np.asarray(array, dtype=dtype))
 
     def op(op_type: str, inputs: list[ir.Value], name: str, **attributes: Any) -> ir.Value:
-        node = ir.node(op_type, inputs, attributes=attributes or None, name=f"{prefix}/{name}")
-        node.outputs[0].name = node.name
-        nodes.append(node)
-        return node.outputs[0]
+        return b.op(op_type, inputs, attributes or None, name)
 
     source = op("Identity", [x], "input")
     if padded != length:
@@ -137,4 +130,4 @@ def mxint8_qdq(graph: ir.Graph, x: ir.Value, length: int, block: int, scale: str
     flat = op("Reshape", [values, const("flat", [0, 0, 0, padded], np.int64)], "flat")
     if padded != length:
         flat = op("Slice", [flat, const("start", [0], np.int64), const("end", [length], np.int64), last], "unpad")
-    return nodes, flat
+    return list(b.tape.nodes), flat

@@ -16,6 +16,8 @@ from typing import Any
 
 import onnx_ir as ir
 
+from qeff.common.atomic import write_text_atomic
+
 
 @dataclasses.dataclass
 class GraphSnapshot:
@@ -129,7 +131,8 @@ class Report:
     input: str | None = None
     output: str | None = None
     passes: list[PassRecord] = dataclasses.field(default_factory=list)
-    verification: dict[str, Any] | None = None
+    # A qeff.verify.Verification when the pipeline was verified (anything with to_dict()).
+    verification: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -137,15 +140,11 @@ class Report:
             "output": self.output,
             "passes": [dataclasses.asdict(p) for p in self.passes],
             "total_seconds": sum(p.seconds for p in self.passes),
-            "verification": self.verification,
+            "verification": self.verification.to_dict() if self.verification is not None else None,
         }
 
     def write_json(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 
     def rich_table(self):
         from rich.table import Table

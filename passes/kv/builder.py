@@ -19,67 +19,21 @@ Design points (why the graph looks the way it does):
 
 from __future__ import annotations
 
-__all__ = ["KVGraphBuilder", "CACHE_INPUT", "cache_inputs_in_layer_order"]
-
-import re
-from collections.abc import Iterable
+__all__ = ["KVGraphBuilder"]
 
 import numpy as np
 import onnx_ir as ir
 
-from qeff.passes.graph_edit import add_initializer
+from qeff.passes.ir.builder import GraphBuilder
 
 _INT64 = ir.DataType.INT64
 
-# The cache inputs of a KV model (DESIGN §3.1); each has a ``<name>_RetainedState`` output.
-CACHE_INPUT = re.compile(r"^past_(key|value)\.(\d+)$")
 
-
-def cache_inputs_in_layer_order(names: Iterable[str | None]) -> list[str]:
-    """The cache input names among ``names``: past_key.0, past_value.0, past_key.1, …"""
-    found = [n for n in names if n and CACHE_INPUT.match(n)]
-    return sorted(found, key=lambda n: (int(CACHE_INPUT.match(n).group(2)), CACHE_INPUT.match(n).group(1) != "key"))
-
-
-class KVGraphBuilder:
-    """Emits nodes into a tape; the caller appends ``tape.nodes`` to the graph."""
+class KVGraphBuilder(GraphBuilder):
+    """The kv pass's ops, emitted into a tape; the caller appends ``tape.nodes`` to the graph."""
 
     def __init__(self, graph: ir.Graph, opset: int, prefix: str = "qeff_kv"):
-        self.graph = graph
-        self.opset = opset
-        self.prefix = prefix
-        self.tape = ir.tape.Tape()
-        self._names = 0
-        self._consts: dict[tuple, ir.Value] = {}
-
-    # -- small helpers ---------------------------------------------------------------------
-    def _name(self, what: str) -> str:
-        self._names += 1
-        return f"{self.prefix}/{what}_{self._names}"
-
-    def op(self, op_type: str, inputs, attributes=None, what: str | None = None) -> ir.Value:
-        name = self._name(what or op_type)
-        out = self.tape.op(op_type, inputs, attributes, name=name)
-        out.name = name
-        return out
-
-    def const(self, array, dtype=None) -> ir.Value:
-        arr = np.asarray(array, dtype=dtype)
-        key = (arr.dtype.str, arr.shape, arr.tobytes())
-        if key not in self._consts:
-            self._consts[key] = add_initializer(self.graph, self._name("const"), arr)
-        return self._consts[key]
-
-    def i64(self, *values: int) -> ir.Value:
-        return self.const(np.array(values, dtype=np.int64))
-
-    def unsqueeze(self, x: ir.Value, *axes: int) -> ir.Value:
-        return self.op("Unsqueeze", [x, self.i64(*axes)])
-
-    def reduce_max(self, x: ir.Value, axis: int) -> ir.Value:
-        if self.opset >= 18:
-            return self.op("ReduceMax", [x, self.i64(axis)], {"keepdims": 1})
-        return self.op("ReduceMax", [x], {"axes": [axis], "keepdims": 1})
+        super().__init__(graph, opset, prefix)
 
     # -- shared tensors --------------------------------------------------------------------
     def shared(self, input_ids: ir.Value, position_ids: ir.Value, first_cache: ir.Value,

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qeff.passes.verify import onnxruntime_session
+from qeff.common.onnxrt import onnxruntime_session
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime as ort  # imported by onnxruntime_session when a session is made

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from qeff.errors import PassOptionError, UnsupportedGraphError
-from qeff.passes.attention import (
+from qeff.passes.kv.match import (
     AttentionSite,
     _ancestors,
     _const_array,
@@ -23,8 +23,24 @@ from qeff.passes.attention import (
     find_attention_sites,
     rejected_candidates,
 )
-from qeff.passes.base import QeffPass
-from qeff.passes.kv_builder import CACHE_INPUT, KVGraphBuilder
+from qeff.contract import (
+    ATTENTION_MASK,
+    BATCH_INDEX,
+    BATCH_SIZE,
+    CTX_LEN,
+    FULL_BATCH_SIZE,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    SEQ_LEN,
+    KVLayout,
+    cache_input_name,
+    is_cache_input,
+    is_retained_output,
+    retained_name,
+)
+from qeff.passes.infra.base import QeffPass, QeffPassResult
+from qeff.passes.kv.builder import KVGraphBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +105,11 @@ class KVPass(QeffPass):
     """Give a plain causal-LM export a fixed-size KV cache that stays on the device.
 
     Rules:
-    1. Attention sites come from :mod:`qeff.passes.attention` (the attention core or an ONNX
+    1. Attention sites come from :mod:`qeff.passes.kv.match` (the attention core or an ONNX
        ``Attention`` node). Every site is rebuilt over the whole cache: its K (after RoPE) and
-       V, before GQA repetition, are written with ``ScatterND`` into ``past_key.{i}`` /
-       ``past_value.{i}`` ``[batch, n_kv, ctx_len, head_dim]`` at slot ``position_id``; the
-       result is output as ``…_RetainedState`` and read back (repeated to all heads) by a new
+       V, before GQA repetition, are written with ``ScatterND`` into the layer's key and value
+       cache inputs ``[batch, n_kv, ctx_len, head_dim]`` at slot ``position_id``; the result is
+       output as the matching retained-state output and read back (repeated to all heads) by a new
        core ``softmax(where(c <= p, q·kᵀ·scale + bias, min)) · v``. Pads (``position_id < 0``)
        write back the old value of a slot no valid token of their row writes.
     2. The mask comes from ``position_ids`` alone; ``attention_mask`` is removed and any
@@ -102,8 +118,9 @@ class KVPass(QeffPass):
     3. ALiBi (MPT) is recomputed for cache slots from the slopes in the graph's ALiBi table.
     4. ``logits=last`` gathers the hidden state of each row's last valid token (argmax of
        ``position_ids``) before the lm_head MatMul, so the vocabulary projection runs once.
-    5. Inputs become ``input_ids, position_ids, past_key.0, past_value.0, …[, batch_index]``
-       and outputs ``logits, past_key.0_RetainedState, past_value.0_RetainedState, …``.
+    5. Inputs become ``input_ids, position_ids``, the key and value cache of each layer in
+       layer order (and ``batch_index``); outputs ``logits`` and the retained states in the same
+       order. The names are the contract's (:mod:`qeff.contract`).
        A model without ``position_ids`` (ALiBi) gets one.
     6. A dynamic-cache export (``Concat(past, new)`` per layer) is converted: the concat is
        bypassed and its past inputs and present outputs are removed.
@@ -121,7 +138,7 @@ class KVPass(QeffPass):
         plan = _make_plan(model, self.options)
         _apply(model, plan, self.options)
         layers = plan.layers
-        self.details = {
+        details = {
             "layers": len(layers),
             "n_heads": layers[0].site.n_heads,
             "n_kv_heads": layers[0].site.n_kv_heads,
@@ -131,36 +148,21 @@ class KVPass(QeffPass):
             "dynamic_cache_converted": any(layer.past_inputs for layer in layers),
         }
         logger.info("kv: %d layers, ctx_len %d", len(layers), plan.ctx_len)
-        return ir.passes.PassResult(model, True)
+        return QeffPassResult(model, True, details=details, manifest=self._manifest(model, plan))
 
-    def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
-        o = self.options
-        ctx = self.details.get("ctx_len", o.ctx_len)
-        retained = [v.name for v in model.graph.outputs if v.name and v.name.endswith("_RetainedState")]
-        manifest["kv"] = {
-            "layers": self.details.get("layers"),
-            "n_kv_heads": self.details.get("n_kv_heads"),
-            "head_dim": self.details.get("head_dim"),
-            "layout": "[batch, n_kv_heads, ctx_len, head_dim]",
-            "dtype": o.kv_dtype,
-            "continuous_batching": o.continuous_batching,
-            "full_batch_size": o.full_batch_size,
-            "logits": o.logits,
-        }
-        manifest["retained_state"] = retained
-        manifest["ctx_len"] = ctx
-        prefill = {"batch_size": 1, "seq_len": min(o.prefill_len, ctx), "ctx_len": ctx}
-        decode = {"batch_size": 1, "seq_len": 1, "ctx_len": ctx}
+    def _manifest(self, model: ir.Model, plan: _Plan) -> dict[str, Any]:
+        """The KV layout, retained-state names and suggested specializations (DESIGN §3.1)."""
+        o, ctx, site = self.options, plan.ctx_len, plan.layers[0].site
+        prefill = {BATCH_SIZE: 1, SEQ_LEN: min(o.prefill_len, ctx), CTX_LEN: ctx}
+        decode = {BATCH_SIZE: 1, SEQ_LEN: 1, CTX_LEN: ctx}
         if o.continuous_batching and o.full_batch_size:
-            prefill["full_batch_size"] = decode["full_batch_size"] = o.full_batch_size
-            decode["batch_size"] = o.full_batch_size
-        manifest["specializations"] = [prefill, decode]
-
-    def verify(self, reference: Any, candidate: Any, tolerance: float, *, fp16: bool = False) -> dict[str, Any] | None:
-        from qeff.passes.kv_runner import verify_kv_model
-
-        return verify_kv_model(reference, candidate, ctx_len=self.details.get("ctx_len", self.options.ctx_len),
-                               tolerance=tolerance, fp16=fp16)
+            prefill[FULL_BATCH_SIZE] = decode[FULL_BATCH_SIZE] = o.full_batch_size
+            decode[BATCH_SIZE] = o.full_batch_size
+        layout = KVLayout(layers=len(plan.layers), n_kv_heads=site.n_kv_heads, head_dim=site.head_dim,
+                          dtype=o.kv_dtype, continuous_batching=o.continuous_batching,
+                          full_batch_size=o.full_batch_size, logits=o.logits)
+        return {"kv": layout, "retained_state": [v.name for v in model.graph.outputs if is_retained_output(v.name)],
+                "ctx_len": ctx, "specializations": [prefill, decode]}
 
 
 # --- planning: every check happens here, before the model is touched ------------------------
@@ -171,8 +173,8 @@ def _fail(message: str, hint: str | None = None) -> UnsupportedGraphError:
 
 
 def _refuse_static_cache(graph: ir.Graph) -> None:
-    names = [v.name for v in graph.inputs if v.name and CACHE_INPUT.match(v.name)]
-    names += [v.name for v in graph.outputs if v.name and v.name.endswith("_RetainedState")]
+    names = [v.name for v in graph.inputs if is_cache_input(v.name)]
+    names += [v.name for v in graph.outputs if is_retained_output(v.name)]
     inputs = {id(v) for v in graph.inputs}
     for node in graph:
         if node.op_type == "ScatterND" and node.inputs and node.inputs[0] is not None and id(node.inputs[0]) in inputs:
@@ -319,12 +321,12 @@ def _removed_inputs(attention_mask: ir.Value | None, layers: list[_Layer], dynam
 def _make_plan(model: ir.Model, options: KVOptions) -> _Plan:
     graph = model.graph
     _refuse_static_cache(graph)
-    input_ids = _find_input(graph, "input_ids")
+    input_ids = _find_input(graph, INPUT_IDS)
     if input_ids is None:
         raise _fail("the model has no input_ids input", "kv works on causal-LM exports (input_ids → logits)")
-    position_ids = _find_input(graph, "position_ids")
-    attention_mask = _find_input(graph, "attention_mask")
-    logits = next((v for v in graph.outputs if v.name == "logits"), graph.outputs[0] if graph.outputs else None)
+    position_ids = _find_input(graph, POSITION_IDS)
+    attention_mask = _find_input(graph, ATTENTION_MASK)
+    logits = next((v for v in graph.outputs if v.name == LOGITS), graph.outputs[0] if graph.outputs else None)
     if logits is None:
         raise _fail("the model has no outputs")
 
@@ -435,27 +437,27 @@ def _apply(model: ir.Model, plan: _Plan, options: KVOptions) -> None:
     graph = model.graph
     opset = model.opset_imports.get("", 17)
     b = KVGraphBuilder(graph, opset)
-    batch_dim = "batch_size"
-    cache_batch = "full_batch_size" if options.continuous_batching else batch_dim
+    batch_dim = BATCH_SIZE
+    cache_batch = FULL_BATCH_SIZE if options.continuous_batching else batch_dim
 
     # Boundary values: the interface DESIGN §3.1 fixes.
     input_ids = plan.input_ids
-    input_ids.shape = _sym_shape(batch_dim, "seq_len")
+    input_ids.shape = _sym_shape(batch_dim, SEQ_LEN)
     position_ids = plan.position_ids
     if position_ids is None:
-        position_ids = ir.Value(name="position_ids", type=ir.TensorType(ir.DataType.INT64))
-    position_ids.shape = _sym_shape(batch_dim, "seq_len")
+        position_ids = ir.Value(name=POSITION_IDS, type=ir.TensorType(ir.DataType.INT64))
+    position_ids.shape = _sym_shape(batch_dim, SEQ_LEN)
     batch_index = None
     if options.continuous_batching:
-        batch_index = ir.Value(name="batch_index", shape=_sym_shape(batch_dim, 1), type=ir.TensorType(ir.DataType.INT64))
+        batch_index = ir.Value(name=BATCH_INDEX, shape=_sym_shape(batch_dim, 1), type=ir.TensorType(ir.DataType.INT64))
     kv_type = ir.DataType.FLOAT16 if options.kv_dtype == "float16" else ir.DataType.FLOAT
     pasts = []
     for layer in plan.layers:
         s = layer.site
         for kind in ("key", "value"):
             pasts.append(ir.Value(
-                name=f"past_{kind}.{s.layer}", type=ir.TensorType(kv_type),
-                shape=_sym_shape(cache_batch, s.n_kv_heads, "ctx_len", s.head_dim),
+                name=cache_input_name(kind, s.layer), type=ir.TensorType(kv_type),
+                shape=_sym_shape(cache_batch, s.n_kv_heads, CTX_LEN, s.head_dim),
             ))
 
     b.shared(input_ids, position_ids, pasts[0], batch_index, options.sliding_window)
@@ -467,8 +469,8 @@ def _apply(model: ir.Model, plan: _Plan, options: KVOptions) -> None:
         past_k, past_v = pasts[2 * i], pasts[2 * i + 1]
         k_new = b.to_bhsd(layer.new_key, s.key_layout, s.n_kv_heads, s.head_dim)
         v_new = b.to_bhsd(layer.new_value, s.value_layout, s.n_kv_heads, s.head_dim)
-        k_ret = b.write_cache(past_k, k_new, s.n_kv_heads, f"{past_k.name}_RetainedState")
-        v_ret = b.write_cache(past_v, v_new, s.n_kv_heads, f"{past_v.name}_RetainedState")
+        k_ret = b.write_cache(past_k, k_new, s.n_kv_heads, retained_name(past_k.name))
+        v_ret = b.write_cache(past_v, v_new, s.n_kv_heads, retained_name(past_v.name))
         retained += [k_ret, v_ret]
         k_all = b.repeat_heads(b.read_cache(k_ret, plan.compute_dtype, options.continuous_batching),
                                s.n_kv_heads, s.n_heads, s.head_dim)
@@ -514,8 +516,8 @@ def _apply(model: ir.Model, plan: _Plan, options: KVOptions) -> None:
             graph.outputs[graph.outputs.index(logits)] = gathered
             gathered.dtype = logits.dtype
             logits = gathered
-            logits.name = "logits"
-    logits.shape = _sym_shape(batch_dim, 1 if options.logits == "last" else "seq_len", vocab)
+            logits.name = LOGITS
+    logits.shape = _sym_shape(batch_dim, 1 if options.logits == "last" else SEQ_LEN, vocab)
 
     graph.extend(b.tape.nodes)
     for old, new in replacements:

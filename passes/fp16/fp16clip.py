@@ -13,10 +13,10 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from qeff.errors import PassOptionError
-from qeff.passes import fp16_calibration as calibration
-from qeff.passes.base import QeffPass
-from qeff.passes.fp16_masks import FP16_MAX, rewrite_additive_masks, safe_select_fills
-from qeff.passes.progress import bytes_progress
+from qeff.passes.fp16 import calibration
+from qeff.passes.infra.base import QeffPass, QeffPassResult
+from qeff.passes.fp16.masks import FP16_MAX, rewrite_additive_masks, safe_select_fills
+from qeff.common.progress import bytes_progress
 
 logger = logging.getLogger(__name__)
 
@@ -76,33 +76,28 @@ class FP16ClipPass(QeffPass):
         if masks or fills:
             RemoveUnusedNodesPass()(model)  # drops the replaced sentinels too
         clipped = _clip_constants(graph, self.progress)
-        self.details = {"masks_rewritten": masks, "select_fills": fills, "constants_clipped": clipped}
+        details: dict[str, Any] = {"masks_rewritten": masks, "select_fills": fills, "constants_clipped": clipped}
         modified = bool(masks or fills or clipped)
+        fp32_nodes: list[str] = []
         if options.calibrate or options.samples:
             feeds = calibration.calibration_feeds(model, options.calibrate, options.samples)
             peaks = calibration.activation_peaks(model, feeds)
             flagged = {n: p for n, p in peaks.items() if not np.isfinite(p) or p * options.margin > FP16_MAX}
-            self.details["activations_flagged"] = {n: f"{p:.4g}" for n, p in flagged.items()}
-            self.details["samples"] = len(feeds)
+            details["activations_flagged"] = {n: f"{p:.4g}" for n, p in flagged.items()}
+            details["samples"] = len(feeds)
             if options.rescale_norms:
-                self.details["norms_rescaled"] = calibration.rescale_norms(graph, flagged, options.margin)
+                details["norms_rescaled"] = calibration.rescale_norms(graph, flagged, options.margin)
             if options.action == "clamp":
-                self.details["clamped"] = calibration.clamp(graph, list(flagged))
+                details["clamped"] = calibration.clamp(graph, list(flagged))
             else:
-                self.details["fp32_nodes"] = sorted(flagged)
-            self.details["action"] = options.action
-            modified = modified or bool(self.details["activations_flagged"])
-        return ir.passes.PassResult(model, modified)
-
-    def fp16_simulation(self) -> tuple[str, ...]:
-        return tuple(self.details.get("fp32_nodes", ()))
-
-    def update_manifest(self, manifest: dict[str, Any], model: ir.Model) -> None:
-        fp32_nodes = self.details.get("fp32_nodes", [])
-        manifest["fp16"] = {"clipped": True, "fp32_nodes": len(fp32_nodes)}
-        if fp32_nodes:
+                fp32_nodes = details["fp32_nodes"] = sorted(flagged)
+            details["action"] = options.action
+            modified = modified or bool(details["activations_flagged"])
+        manifest: dict[str, Any] = {"fp16": {"clipped": True, "fp32_nodes": len(fp32_nodes)}}
+        if fp32_nodes:  # the compiler's -node-precision-info file, written beside the model
             text = "FP32NodeInstanceNames:\n" + "".join(f"  - {name}\n" for name in fp32_nodes)
-            manifest.setdefault("side_files", {})["node_precision_info"] = (".npi.yaml", text)
+            manifest["side_files"] = {"node_precision_info": (".npi.yaml", text)}
+        return QeffPassResult(model, modified, details=details, manifest=manifest, fp16_keep=tuple(fp32_nodes))
 
 
 # -- rule 3: constants -------------------------------------------------------------------------

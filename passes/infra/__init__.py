@@ -1,0 +1,1 @@
+"""Pass infrastructure: base class and registry, pipeline grammar, manager, report."""

@@ -1,0 +1,48 @@
+"""The one way qeff opens an onnxruntime session: quiet, CPU unless asked, and a model
+onnxruntime cannot load becomes a one-line :class:`~qeff.errors.VerificationError`."""
+
+from __future__ import annotations
+
+__all__ = ["onnxruntime_session", "run_model"]
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from qeff.errors import VerificationError
+
+
+def onnxruntime_session(model: str | os.PathLike | bytes, providers: Sequence[str] | None = None, *,
+                        purpose: str = "", hint: str | None = None, optimize: bool = True,
+                        threads: int | None = None):
+    """An onnxruntime ``InferenceSession`` (warnings silenced).
+
+    ``optimize=False`` turns graph optimisations off, for graphs whose every node must run as
+    written (the fp16 simulation's rounding casts); ``threads`` caps the intra-op threads.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as e:  # onnxruntime's errors share no base class beyond Exception
+        name = "the model" if isinstance(model, bytes) else Path(model).name
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise VerificationError(f"onnxruntime cannot load {name}{purpose}: {reason}", hint) from e
+
+
+def run_model(model: str | os.PathLike | bytes, feeds: Mapping[str, np.ndarray], *, purpose: str = "",
+              hint: str | None = None) -> dict[str, np.ndarray]:
+    """Run a model once on the CPU with the feeds it takes; every output by name."""
+    session = onnxruntime_session(model, purpose=purpose, hint=hint)
+    wanted = {i.name for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))

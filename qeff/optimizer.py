@@ -1,0 +1,102 @@
+"""``qeff.optimize``: the whole job behind ``qeff-opt``.
+
+load → validate → run the passes → stage the output → verify → commit model, manifest and
+report. Nothing appears at the output path unless every step succeeded. It sits above the
+passes because ``--verify`` drives rewritten models through the runtime.
+"""
+
+from __future__ import annotations
+
+__all__ = ["optimize"]
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from qeff.contract import read_manifest, write_manifest
+from qeff.errors import QeffError, VerificationError
+from qeff.passes import PipelineResult, QeffPass, run_passes
+from qeff.passes.infra.manager import resolve_passes
+from qeff.passes.ir.model_io import ModelLike, StagedModel, as_ir_model, check_output_path, external_data_files
+from qeff.verify import failure_message, verify_pipeline
+
+
+def _previous_manifest(input_path: Path | None):
+    if input_path is None:
+        return None
+    try:
+        return read_manifest(input_path)
+    except ValueError as e:
+        raise QeffError(f"the manifest beside {input_path.name} is not valid: {e}",
+                        "delete it, or re-run the passes that wrote it") from None
+
+
+def optimize(
+    model: ModelLike,
+    passes: str | Sequence[QeffPass | str],
+    output: str | os.PathLike | None = None,
+    *,
+    verify: bool = False,
+    tolerance: float | None = None,
+    report_path: str | os.PathLike | None = None,
+    overrides: dict[str, str] | None = None,
+    external_data: bool | None = None,
+    progress: bool = False,
+) -> PipelineResult:
+    """Run ``passes`` on ``model`` and (when ``output`` is given) write the result atomically.
+
+    ``model`` may be a path, ``onnx.ModelProto``, ``ir.Model`` or ``onnx_graphsurgeon.Graph``;
+    an ``ir.Model`` given in is cloned, never modified. With ``verify`` the original and the
+    rewritten model run in onnxruntime (see :func:`qeff.verify.verify_pipeline`) and a
+    difference above ``tolerance`` raises :class:`VerificationError` (the output is then not
+    written).
+    """
+    input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    pipeline = resolve_passes(passes, overrides)
+    ir_model = as_ir_model(model)
+    if ir_model is model:
+        ir_model = ir_model.clone()
+    protected = external_data_files(ir_model)
+    if input_path is not None:
+        protected.add(input_path.resolve())
+    if output is not None:
+        check_output_path(output, inputs=protected)
+    previous = _previous_manifest(input_path)
+
+    result = run_passes(ir_model, pipeline, manifest=previous, progress=progress)
+    result.report.input = str(input_path) if input_path else None
+    result.manifest.source = (previous.source if previous else None) or result.report.input
+
+    with tempfile.TemporaryDirectory(prefix="qeff-verify-") as scratch:
+        reference = input_path
+        if verify and reference is None:
+            # An in-memory input: the reference is the model as it was given.
+            reference = Path(scratch) / "reference.onnx"
+            StagedModel(as_ir_model(model), reference).commit()
+        if output is not None:
+            staged = StagedModel(result.model, output, external_data=external_data, progress=progress)
+        elif verify:
+            staged = StagedModel(result.model, Path(scratch) / "candidate.onnx")
+        else:
+            staged = None
+        try:
+            if verify:
+                result.report.verification = verify_pipeline(
+                    reference, staged.path, scratch=Path(scratch), tolerance=tolerance, fp16_keep=result.fp16_keep,
+                    lossy=any(p.lossy for p in pipeline), ctx_len=result.manifest.ctx_len)
+            verified = not verify or result.report.verification.passed
+            if output is not None and verified:
+                result.output = staged.commit()
+                result.manifest_path = write_manifest(result.output, result.manifest)
+                result.report.output = str(result.output)
+        finally:
+            if staged is not None:
+                staged.discard()
+            if report_path is not None:
+                result.report.write_json(report_path)
+    verification = result.report.verification
+    if verification is not None and not verification.passed:
+        raise VerificationError(failure_message(verification),
+                                "inspect the report (--report) or raise --tolerance if the difference is expected")
+    return result
