@@ -14,13 +14,13 @@ from __future__ import annotations
 
 __all__ = ["FP16_MAX", "SAFE_FILL", "MASKED_BELOW", "rewrite_additive_masks", "safe_select_fills"]
 
-import collections
 import logging
 
 import numpy as np
 import onnx_ir as ir
 
 from qeff.passes.ir.builder import add_initializer, reroute_uses
+from qeff.passes.ir.traversal import ancestor_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +74,12 @@ def is_additive_mask(value: ir.Value) -> bool:
     """Whether ``value`` derives from a sentinel constant (≤ −65504) and from no matrix product."""
     if _is_sentinel(_uniform_constant(value)):
         return True
-    seen: set[ir.Node] = set()
-    queue = collections.deque([value.producer()])
     found = False
-    while queue:
-        node = queue.popleft()
-        if node is None or node in seen:
-            continue
-        if node.op_type in _PRODUCTS or len(seen) >= _SEARCH_LIMIT:
+    # Shape edges carry no values: a mask expanded to Shape(scores) does not derive from them.
+    for count, node in enumerate(ancestor_nodes(value)):
+        if node.op_type in _PRODUCTS or count >= _SEARCH_LIMIT:
             return False
-        seen.add(node)
         found = found or _holds_sentinel(node)
-        queue.extend(v.producer() for v in node.inputs if v is not None)
     return found
 
 

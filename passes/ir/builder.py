@@ -16,8 +16,11 @@ import onnx_ir as ir
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as an initializer of ``graph`` named ``name`` and return its value."""
+    """Register ``array`` as an initializer of ``graph`` and return its value. It is named
+    ``name`` unless the graph has that name already (a node without a name gives every pass
+    the same base name), then ``name_1``, ``name_2``, …"""
     array = np.asarray(array)
+    name = unique_name(graph, name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
@@ -70,7 +73,7 @@ class GraphBuilder:
         arr = np.asarray(array, dtype=dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
-            self._consts[key] = add_initializer(self.graph, unique_name(self.graph, self._name("const")), arr)
+            self._consts[key] = add_initializer(self.graph, self._name("const"), arr)
         return self._consts[key]
 
     def i64(self, *values: int) -> ir.Value:

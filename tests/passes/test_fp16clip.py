@@ -10,12 +10,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from qeff.common.onnxrt import run_model as run_onnxruntime
 from qeff.optimizer import optimize
 from qeff.passes.fp16.fp16clip import FP16ClipPass
 from qeff.passes.fp16.simulation import expose_float32_values, run_fp16, simulate_fp16
 from qeff.runtime import OrtSession
 from tests.kv_drive import kv_generate
-from qeff.common.onnxrt import run_model as run_onnxruntime
 from tests.passes.test_kv import ARCHS, CTX
 
 
@@ -262,3 +262,89 @@ def test_calibration_on_a_model_with_one_layer_scaled_to_overflow(tmp_path):
     with pytest.raises(VerificationError, match="NaN or Inf"):
         optimize(path, "fp16clip", output=tmp_path / "unsafe.onnx", verify=True)
     assert not (tmp_path / "unsafe.onnx").exists()
+
+
+# -- masks the rules must recognise in any spelling ------------------------------------------------
+
+_FMIN = float(np.finfo(np.float32).min)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _scores_model(nodes: list[onnx.NodeProto], outputs: list[str], inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """q [1, 2, 4, 8] · k [1, 2, 8, 4] → scores, then ``nodes``; every node is unnamed."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["q", "k"], ["scores"]), *nodes], "masks",
+        [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 2, 4, 8]),
+         helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 2, 8, 4])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [onnx.numpy_helper.from_array(a, n) for n, a in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def _qk(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"q": rng.standard_normal((1, 2, 4, 8)).astype(np.float32) * 3,
+            "k": rng.standard_normal((1, 2, 8, 4)).astype(np.float32) * 3}
+
+
+def test_two_unnamed_masking_selects_get_unique_fills():
+    """Two unnamed ``Where(c, scores, finfo.min)`` before two Softmaxes: each gets its own
+    −65504 fill, and the outputs are the masked softmax NumPy computes."""
+    from onnx import helper
+
+    causal = np.tril(np.ones((4, 4), bool))[None, None]
+    strided = (np.arange(4)[None, :] % 2 == 0)[None, None].repeat(4, axis=2)
+    nodes = [helper.make_node("Where", ["causal", "scores", "fmin"], ["w1"]),
+             helper.make_node("Softmax", ["w1"], ["p1"], axis=-1),
+             helper.make_node("Where", ["strided", "scores", "fmin"], ["w2"]),
+             helper.make_node("Softmax", ["w2"], ["p2"], axis=-1)]
+    proto = _scores_model(nodes, ["p1", "p2"], {"causal": causal, "strided": strided,
+                                                 "fmin": np.array(_FMIN, np.float32)})
+    model = ir.serde.deserialize_model(proto)
+    result = FP16ClipPass()(model)
+    assert len(result.details["select_fills"]) == 2
+    names = [v.name for v in model.graph.initializers.values()]
+    assert len(names) == len(set(names))
+    feeds = _qk()
+    scores = feeds["q"] @ feeds["k"]
+    got = run_onnxruntime(ir.serde.serialize_model(model).SerializeToString(), feeds)
+    for out, mask in (("p1", causal), ("p2", strided)):
+        want = _softmax(np.where(mask, scores.astype(np.float64), -np.inf))
+        np.testing.assert_allclose(got[out], want, rtol=1e-5, atol=1e-7, err_msg=out)
+
+
+def test_mask_expanded_to_the_scores_shape_is_a_mask():
+    """``Add(scores, Expand(Where(c, 0, finfo.min), Shape(scores)))``: the mask reaches the scores
+    only through ``Shape``, which carries no values, so it is an additive mask and becomes a
+    select. Row 0 masks every key: in fp16 a clipped −65504 plus a negative score is −inf, the
+    whole row −inf and its softmax NaN; after the rewrite it is finite."""
+    from onnx import helper
+
+    visible = np.tril(np.ones((4, 4), bool))[None, None]
+    visible[..., 0, :] = False  # a padded query: nothing is visible
+    nodes = [helper.make_node("Where", ["visible", "zero", "fmin"], ["m"]),
+             helper.make_node("Shape", ["scores"], ["shape"]),
+             helper.make_node("Expand", ["m", "shape"], ["mask"]),
+             helper.make_node("Add", ["scores", "mask"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["p"], axis=-1)]
+    proto = _scores_model(nodes, ["p"], {"visible": visible, "zero": np.array(0.0, np.float32),
+                                         "fmin": np.array(_FMIN, np.float32)})
+    feeds = _qk(1)
+    feeds["q"][..., 0, :] = np.abs(feeds["q"][..., 0, :])  # row 0 scores all negative:
+    feeds["k"] = -np.abs(feeds["k"])                         # −65504 + score overflows in fp16
+    model = ir.serde.deserialize_model(proto)
+    result = FP16ClipPass()(model)
+    assert len(result.details["masks_rewritten"]) == 1
+    rewritten = ir.serde.serialize_model(model)
+    got = run_fp16(rewritten, feeds)["p"]
+    assert np.isfinite(got).all()
+    scores = (feeds["q"] @ feeds["k"]).astype(np.float64)
+    want = _softmax(np.where(visible, scores, -np.inf)[..., 1:, :])
+    np.testing.assert_allclose(got[..., 1:, :], want, atol=2e-3)
+    np.testing.assert_allclose(got[..., 0, :], 0.25, atol=1e-3)  # a uniform softmax over 4 keys
