@@ -63,12 +63,14 @@ class FP16ClipPass(QeffPass):
     summary = "fp16 safety: additive masks become selects, constants clipped to ±65504, optional calibration"
     Options = FP16ClipOptions
 
+    def requires(self, model: ir.Model) -> None:
+        if self.options.margin <= 0:
+            raise PassOptionError(f"fp16clip: margin={self.options.margin} must be positive", "e.g. margin=1.5")
+        if self.options.calibrate < 0:
+            raise PassOptionError(f"fp16clip: calibrate={self.options.calibrate} must be 0 or more", "e.g. calibrate=8")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         options = self.options
-        if options.margin <= 0:
-            raise PassOptionError(f"fp16clip: margin={options.margin} must be positive", "e.g. margin=1.5")
-        if options.calibrate < 0:
-            raise PassOptionError(f"fp16clip: calibrate={options.calibrate} must be 0 or more", "e.g. calibrate=8")
         graph = model.graph
         ShapeInferencePass(strict_mode=False)(model)  # element types for the constants the rules add
         masks = rewrite_additive_masks(graph)

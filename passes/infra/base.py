@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Literal
 
 import onnx_ir as ir
 
-from qeff.errors import PassOptionError
+from qeff.errors import PassOptionError, QeffError
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,15 @@ class QeffPass(ir.passes.InPlacePass):
 
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
+
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> ir.passes.PassResult:
+        # onnx-ir wraps what requires()/ensures() raise; a user-facing refusal surfaces as itself.
+        try:
+            return super().__call__(model_or_result)
+        except (ir.passes.PreconditionError, ir.passes.PostconditionError) as e:
+            if isinstance(e.__cause__, QeffError):
+                raise e.__cause__ from None
+            raise
 
 
 def get_pass(name: str) -> type[QeffPass]:

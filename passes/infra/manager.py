@@ -19,7 +19,6 @@ from typing import Any
 import onnx_ir as ir
 
 from qeff.contract import KVLayout, Manifest
-from qeff.errors import QeffError
 from qeff.passes.infra.base import QeffPass, QeffPassResult
 from qeff.passes.infra.pipeline import HISTORY_KEY, applied_passes, build_passes, parse_pipeline, validate_sequence
 from qeff.passes.infra.report import GraphSnapshot, PassRecord, Report
@@ -108,7 +107,7 @@ def run_passes(
         p.progress = progress
         before = GraphSnapshot.take(model)
         start = time.perf_counter()
-        result = _call_pass(p, model)
+        result = p(model)
         seconds = time.perf_counter() - start
         details = result.details if isinstance(result, QeffPassResult) else {}
         after = GraphSnapshot.take(result.model)
@@ -126,16 +125,6 @@ def run_passes(
     manifest.outputs = _io_specs(model.graph.outputs)
     fp16_keep = [name for keep in keeps for name in keep] if keeps else None
     return PipelineResult(model=model, report=report, manifest=manifest, fp16_keep=fp16_keep)
-
-
-def _call_pass(p: QeffPass, model: ir.Model) -> ir.passes.PassResult:
-    try:
-        return p(model)
-    except (ir.passes.PreconditionError, ir.passes.PostconditionError) as e:
-        # onnx-ir wraps what ``requires``/``ensures`` raise; surface the user-facing error itself.
-        if isinstance(e.__cause__, QeffError):
-            raise e.__cause__ from None
-        raise
 
 
 def default_output_path(input_path: Path, pipeline: Sequence[QeffPass]) -> Path:

@@ -40,16 +40,22 @@ Rules:
 
 from __future__ import annotations
 
-__all__ = ["AttentionSite", "find_attention_sites", "rejected_candidates", "explain_no_match"]
+__all__ = ["AttentionSite", "AttentionMatch", "Rejection", "match_attention", "find_attention_sites",
+           "explain_no_match"]
 
 import dataclasses
 import logging
 import math
 import re
-from collections.abc import Iterable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+
+from qeff.passes.ir.constants import const_array, const_scalar
+from qeff.passes.ir.shape_inference import infer_shapes_weight_free
+from qeff.passes.ir.traversal import ancestors
+from qeff.passes.ir.symbolic_shapes import SymbolicShapes
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,7 @@ _SCORE_PATH_OPS = {"Add", "Mul", "Div", "Where", "Cast", "Identity", "Sub"}
 _BIG_NEGATIVE = -1.0e4
 _LAYER_RE = re.compile(r"(?:^|[./'])(?:layers|layer|h|blocks|block|decoder_layers)\.(\d+)(?=$|[./'])")
 _WALK_LIMIT = 64
+_ANCESTOR_LIMIT = 400  # values visited when deciding what an additive term derives from
 
 
 @dataclasses.dataclass
@@ -100,8 +107,8 @@ class _NoMatch(Exception):
 
 
 class _Shapes:
-    """Shape lookup by value name; fills in shapes missing from the model using shape
-    inference on a copy, so the searched model is never touched."""
+    """Shape lookup by value name; fills in shapes missing from the model with ONNX shape
+    inference on a weight-free copy (:mod:`qeff.passes.ir.shape_inference`), at most once."""
 
     def __init__(self, model: ir.Model):
         self._model = model
@@ -117,38 +124,28 @@ class _Shapes:
         return False
 
     def _infer(self) -> dict[str, ir.Shape | None]:
+        """Shapes by value name: ONNX inference on a weight-free copy, then, where it lost a
+        dim (after ``Reshape(-1)``/``Expand`` in TorchScript graphs), the symbolic evaluation
+        of the shape arithmetic that the ``fixed`` pass uses."""
         if self._inferred is None:
             self._inferred = {}
             if self._needs_inference():
                 try:
-                    from onnx import shape_inference
-
-                    proto = ir.serde.serialize_model(self._model)
-                    try:
-                        proto = shape_inference.infer_shapes(proto, data_prop=True)
-                    except Exception:  # noqa: BLE001 - inference is best effort
-                        proto = shape_inference.infer_shapes(proto, data_prop=False)
-                    proto = self._symbolic(proto) or proto
-                    clone = ir.serde.deserialize_model(proto)
-                    for node in clone.graph:
-                        for v in node.outputs:
-                            if v.name and v.shape is not None:
-                                self._inferred[v.name] = v.shape
-                except Exception as err:  # noqa: BLE001 - never raise on weird graphs
+                    copy = infer_shapes_weight_free(self._model)
+                except onnx.shape_inference.InferenceError as err:
+                    # The graph is inconsistent somewhere; what the model declares still counts.
                     logger.debug("shape inference failed: %s", err)
+                    return self._inferred
+                symbols = {d.value for x in copy.graph.inputs for d in (x.shape or ())
+                           if not isinstance(d, int) and d.value and not _unknown(d.value)}
+                symbolic = SymbolicShapes(copy, symbols).run()
+                for node in copy.graph:
+                    for v in node.outputs:
+                        dims = symbolic.shapes.get(v)
+                        shape = ir.Shape([symbolic.to_dim(d) for d in dims]) if dims is not None else v.shape
+                        if v.name and shape is not None:
+                            self._inferred[v.name] = shape
         return self._inferred
-
-    @staticmethod
-    def _symbolic(proto):
-        # ONNX inference loses dims after Reshape(-1)/Expand in legacy graphs; onnxruntime's
-        # symbolic inference resolves them. Optional: used only when onnxruntime is present.
-        try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
-        except Exception as err:  # noqa: BLE001
-            logger.debug("symbolic shape inference unavailable or failed: %s", err)
-            return None
 
     def shape(self, v: ir.Value | None) -> tuple | None:
         if v is None:
@@ -169,35 +166,6 @@ def _unknown(dim_name: str | None) -> bool:
     return dim_name is None or dim_name.startswith("unk__")
 
 
-def _const_scalar(v: ir.Value | None) -> float | None:
-    arr = _const_array(v, max_elements=1)
-    if arr is None or not np.issubdtype(arr.dtype, np.number):
-        return None
-    return float(arr.reshape(()))
-
-
-def _const_tensor(v: ir.Value | None) -> ir.TensorProtocol | None:
-    """The constant tensor behind ``v`` (initializer or Constant), without reading its data."""
-    if v is None:
-        return None
-    try:
-        return ir.convenience.get_const_tensor(v)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _const_array(v: ir.Value | None, max_elements: int | None = None) -> np.ndarray | None:
-    """``v``'s constant value as an array; None when it is not constant or, with
-    ``max_elements``, bigger than that (checked from the shape, so weights are never read)."""
-    t = _const_tensor(v)
-    if t is None or (max_elements is not None and t.size > max_elements):
-        return None
-    try:
-        return np.asarray(t.numpy())
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def _scalar_factor(node: ir.Node, data: ir.Value) -> tuple[ir.Value, float] | None:
     """For Mul/Div of ``data``'s path by a constant scalar: (other operand, factor)."""
     if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
@@ -205,12 +173,12 @@ def _scalar_factor(node: ir.Node, data: ir.Value) -> tuple[ir.Value, float] | No
     a, b = node.inputs
     if node.op_type == "Mul":
         for x, c in ((a, b), (b, a)):
-            f = _const_scalar(c)
-            if f is not None and _const_scalar(x) is None:
+            f = const_scalar(c)
+            if f is not None and const_scalar(x) is None:
                 return x, f
         return None
-    f = _const_scalar(b)
-    if f is not None and f != 0 and _const_scalar(a) is None:
+    f = const_scalar(b)
+    if f is not None and f != 0 and const_scalar(a) is None:
         return a, 1.0 / f
     return None
 
@@ -229,33 +197,15 @@ def _reaches_matmul(v: ir.Value | None, depth: int = 8) -> bool:
     return False
 
 
-def _ancestors(v: ir.Value, limit: int = 400) -> Iterable[ir.Value]:
-    """Data ancestors of ``v`` (not through Shape / Size, whose outputs carry no data)."""
-    seen: set[int] = set()
-    stack = [v]
-    count = 0
-    while stack and count < limit:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        count += 1
-        yield x
-        p = x.producer()
-        if p is None or p.op_type in ("Shape", "Size"):
-            continue
-        stack.extend(i for i in p.inputs if i is not None)
-
-
 def _is_mask_term(term: ir.Value, graph: ir.Graph) -> tuple[bool, bool]:
     """(holds a big negative constant, depends on an attention-mask input through data)."""
     big_neg = False
     from_mask = False
     mask_inputs = {id(i) for i in graph.inputs if i.name and "mask" in i.name}
-    for x in _ancestors(term):
+    for x in ancestors(term, limit=_ANCESTOR_LIMIT):
         if id(x) in mask_inputs:
             from_mask = True
-        arr = _const_array(x, max_elements=16)
+        arr = const_array(x, max_elements=16)
         if arr is not None and np.issubdtype(arr.dtype, np.floating):
             if np.any(arr <= _BIG_NEGATIVE):
                 big_neg = True
@@ -527,71 +477,67 @@ class _Matcher:
         )
 
     # -- driver ----------------------------------------------------------------------------
-    def run(self) -> tuple[list[AttentionSite], list[str]]:
+    def run(self) -> AttentionMatch:
         sites: list[tuple[int, ir.Node, AttentionSite]] = []
-        reasons: list[str] = []
-        self.rejected: list[tuple[int | None, str]] = []
+        rejected: list[Rejection] = []
         for order, node in enumerate(self.graph):
             if node.domain not in ("", "ai.onnx") or node.op_type not in ("Softmax", "Attention"):
                 continue
             try:
-                if node.op_type == "Softmax":
-                    site = self.match_softmax(node)
-                else:
-                    site = self.match_attention(node)
-            except _NoMatch as err:
-                reasons.append(f"{node.op_type} {node.name!r} (#{len(reasons) + len(sites)}): {err}")
-                self.rejected.append((_layer_of(node), f"{node.op_type} {node.name!r}: {err}"))
-                continue
-            except Exception as err:  # noqa: BLE001 - a weird graph must not break the caller
-                logger.debug("matching %s failed", node.name, exc_info=True)
-                reasons.append(f"{node.op_type} {node.name!r}: unexpected {type(err).__name__}: {err}")
+                site = self.match_softmax(node) if node.op_type == "Softmax" else self.match_attention(node)
+            except _NoMatch as err:  # a candidate that is not attention, or not attention we know
+                rejected.append(Rejection(_layer_of(node), node, str(err)))
+                logger.debug("not an attention site: %s", rejected[-1])
                 continue
             sites.append((order, node, site))
         layers = [_layer_of(n) for _, n, _ in sites]
         use_scopes = all(x is not None for x in layers) and len(set(layers)) == len(layers)
-        result = []
         for i, (_, _, site) in enumerate(sites):
             site.layer = layers[i] if use_scopes else i
-            result.append(site)
-        result.sort(key=lambda s: s.layer)
-        return result, reasons
+        found = sorted((site for _, _, site in sites), key=lambda s: s.layer)
+        return AttentionMatch(found, rejected, any(n.op_type in ("Softmax", "Attention") for n in self.graph))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A Softmax or Attention node not taken as an attention site, and why."""
+
+    layer: int | None  # from the name scopes or the node name, when they say
+    node: ir.Node
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node.op_type} {self.node.name!r}: {self.reason}"
+
+
+@dataclasses.dataclass
+class AttentionMatch:
+    """What one run of the matcher found: the sites in layer order and every rejection."""
+
+    sites: list[AttentionSite]
+    rejected: list[Rejection]
+    had_candidates: bool
+
+    def explain(self) -> str:
+        """One line saying what was looked for and what was found instead."""
+        if not self.had_candidates:
+            return ("no Softmax node in the graph (looked for MatMul → [scale] → [mask] → Softmax → MatMul "
+                    "or an ONNX Attention node)")
+        if not self.rejected:
+            return f"{len(self.sites)} attention site(s) matched; nothing was rejected"
+        return f"{len(self.sites)} site(s) matched, {len(self.rejected)} rejected; first: {self.rejected[0]}"
+
+
+def match_attention(model: ir.Model) -> AttentionMatch:
+    """Run the matcher once over ``model`` (never modified): sites and rejections."""
+    return _Matcher(model).run()
 
 
 def find_attention_sites(model: ir.Model) -> list[AttentionSite]:
-    """Attention sites of ``model`` in layer order; [] when none match. Never raises on odd
-    graphs and never modifies ``model``."""
-    try:
-        sites, reasons = _Matcher(model).run()
-    except Exception:  # noqa: BLE001
-        logger.debug("attention matching failed", exc_info=True)
-        return []
-    for r in reasons:
-        logger.debug("not an attention site: %s", r)
-    return sites
-
-
-def rejected_candidates(model: ir.Model) -> list[tuple[int | None, str]]:
-    """(layer from the name scopes or node name, or None; why) for each Softmax / Attention
-    node that was not taken as an attention site."""
-    matcher = _Matcher(model)
-    try:
-        matcher.run()
-    except Exception:  # noqa: BLE001
-        return []
-    return matcher.rejected
+    """Attention sites of ``model`` in layer order; [] when none match."""
+    return match_attention(model).sites
 
 
 def explain_no_match(model: ir.Model) -> str:
     """One line saying what was looked for and what was found instead."""
-    ops = [n.op_type for n in model.graph]
-    if "Softmax" not in ops and "Attention" not in ops:
-        return "no Softmax node in the graph (looked for MatMul → [scale] → [mask] → Softmax → MatMul or an ONNX Attention node)"
-    try:
-        sites, reasons = _Matcher(model).run()
-    except Exception as err:  # noqa: BLE001
-        return f"attention matching failed: {type(err).__name__}: {err}"
-    if not reasons:
-        return f"{len(sites)} attention site(s) matched; nothing was rejected"
-    head = f"{len(sites)} site(s) matched, {len(reasons)} rejected; first: {reasons[0]}"
-    return head
+    return match_attention(model).explain()

@@ -135,11 +135,13 @@ class MXWeightPass(QeffPass):
     lossy = True
     Options = MXWeightOptions
 
+    def requires(self, model: ir.Model) -> None:
+        if self.options.block < 1:
+            raise PassOptionError(f"{self.name}: block={self.options.block} must be at least 1", "e.g. block=32")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         options = self.options
         element = element_format(self.fmt)
-        if options.block < 1:
-            raise PassOptionError(f"{self.name}: block={options.block} must be at least 1", "e.g. block=32")
         graph = model.graph
         lm_head = _logits_producers(graph) if options.keep_lm_head else set()
         plan, skipped = self._plan(graph, lm_head)

@@ -382,3 +382,46 @@ def test_three_d_attention_node_with_gqa(tmp_path, after_head):
         assert producer.op_type == "GatherND" and producer.inputs[0].producer().op_type == after_head
     result = verify_kv_model(source, kv_path, ctx_len=24)
     assert result.token_agreement == "32/32" and result.max_abs < 1e-5
+
+
+# --- cost: one match, a weight-free shape inference, no torch ----------------------------------
+
+
+def test_one_match_and_a_weight_free_shape_inference_per_call(tiny_export, monkeypatch):
+    """A TorchScript export has no value shapes, so the matcher needs shape inference. One kv
+    call runs the matcher once, serialises the model once, and hands onnx's shape inference a
+    protobuf without the weights."""
+    import onnx_ir.serde
+
+    from qeff.passes.kv import match
+
+    runs, serialised, inferred = [], [], []
+    real_run, real_serialize, real_infer = match._Matcher.run, onnx_ir.serde.serialize_model, onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(match._Matcher, "run", lambda self: runs.append(1) or real_run(self))
+    monkeypatch.setattr(onnx_ir.serde, "serialize_model", lambda m: serialised.append(1) or real_serialize(m))
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes",
+                        lambda proto, *a, **k: inferred.append(proto) or real_infer(proto, *a, **k))
+    model = ir.load(tiny_export("llama", exporter="torchscript"))
+    assert max(v.const_value.nbytes for v in model.graph.initializers.values()) > 16_000
+    KVPass(KVPass.Options(ctx_len=CTX))(model)
+    assert len(runs) == 1
+    assert len(serialised) <= 1 and len(inferred) == 1
+    sizes = [len(t.raw_data) or 4 * len(t.float_data) for t in inferred[0].graph.initializer]
+    assert max(sizes) <= 1024, "shape inference was given the weights"
+
+
+def test_kv_does_not_import_torch(tiny_export):
+    """The passes never import torch (onnxruntime.tools' package __init__ does: +3.6 s, +0.23 GB)."""
+    import subprocess
+    import sys
+
+    path = tiny_export("llama", exporter="torchscript")
+    script = (
+        "import sys, onnx_ir as ir\n"
+        "from qeff.passes import KVPass, run_passes\n"
+        f"run_passes(ir.load({str(path)!r}), [KVPass(ctx_len={CTX})])\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
