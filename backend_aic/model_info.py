@@ -5,10 +5,8 @@ from __future__ import annotations
 __all__ = ["ModelInfo", "read_model_info"]
 
 import dataclasses
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import onnx_ir as ir
 

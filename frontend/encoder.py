@@ -17,11 +17,12 @@ the Cloud AI compiler's ``-onnx-define-symbol`` expects.
 
 from __future__ import annotations
 
-__all__ = ["ENCODER_ARCHITECTURES", "ENCODER_TASKS", "build_tiny_encoder", "load_encoder", "export_encoder",
-           "EncoderExport", "encoder_inputs"]
+__all__ = ["ENCODER_ARCHITECTURES", "ENCODER_TASKS", "is_encoder_folder", "build_tiny_encoder", "load_encoder",
+           "export_encoder", "EncoderExport", "encoder_inputs"]
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,17 @@ def _head(transformers: Any, task: str):
     return {"base": transformers.AutoModel, "qa": transformers.AutoModelForQuestionAnswering,
             "classification": transformers.AutoModelForSequenceClassification,
             "embeddings": transformers.AutoModel}[task]
+
+
+def is_encoder_folder(source: str | os.PathLike) -> bool:
+    """Whether a checkpoint folder holds one of the encoder architectures (by its config.json)."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") in ENCODER_ARCHITECTURES
+    except ValueError:
+        return False
 
 
 def build_tiny_encoder(arch: str, task: str = "base", seed: int = 0) -> Any:

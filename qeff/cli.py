@@ -244,9 +244,9 @@ def export_command(
     """Export a Hugging Face causal LM (input_ids, attention_mask, position_ids → logits) or an
     encoder (--tiny bert|roberta|xlm-roberta, or a folder, with --task) to plain ONNX."""
     from qeff.errors import ExportError
-    from qeff.frontend.encoder import ENCODER_ARCHITECTURES
+    from qeff.frontend.encoder import ENCODER_ARCHITECTURES, is_encoder_folder
 
-    if task is not None or tiny in ENCODER_ARCHITECTURES or _is_encoder_folder(source):
+    if task is not None or tiny in ENCODER_ARCHITECTURES or (source is not None and is_encoder_folder(source)):
         _export_encoder(source, tiny, output, task or "base", seed, check)
         return
 
@@ -403,18 +403,6 @@ def run_command(
         console.print(line, markup=False, highlight=False)
     if stats_json is not None:
         runner.write_json(stats_json, {"tokens": result.tokens, "stats": result.stats.as_dict()})
-
-
-def _is_encoder_folder(source: Optional[Path]) -> bool:
-    import json as json_module
-
-    config = source / "config.json" if source is not None else None
-    if config is None or not config.is_file():
-        return False
-    try:
-        return json_module.loads(config.read_text()).get("model_type") in ("bert", "roberta", "xlm-roberta")
-    except ValueError:
-        return False
 
 
 def _export_encoder(source: Optional[Path], tiny: Optional[str], output: Optional[Path], task: str, seed: int,

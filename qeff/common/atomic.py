@@ -30,14 +30,22 @@ class Staging:
 
     def commit(self, companions: Sequence[str] = ()) -> Path:
         """Move ``companions`` (file names) then the main file into place; returns the destination."""
-        for name in companions:
-            staged = self.folder / name
-            if staged.exists():
-                os.replace(staged, self.parent / name)
-            else:
-                (self.parent / name).unlink(missing_ok=True)
-        os.replace(self.path, self.parent / self.destination.name)
-        self.discard()
+        moved = []
+        try:
+            for name in companions:
+                staged = self.folder / name
+                if staged.exists():
+                    os.replace(staged, self.parent / name)
+                    moved.append(self.parent / name)
+                else:
+                    (self.parent / name).unlink(missing_ok=True)
+            os.replace(self.path, self.parent / self.destination.name)
+        except BaseException:
+            for path in moved:  # without the new main file they belong to nothing
+                path.unlink(missing_ok=True)
+            raise
+        finally:
+            self.discard()
         return self.destination
 
     def discard(self) -> None:
