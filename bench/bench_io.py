@@ -562,9 +562,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return results
 
 
+def ok(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def print_metrics(rows: list[tuple[str, str, str]], last: str = "target", width: int = 24) -> None:
+    """The benchmarks' result table: metric, value, and the target (or aim) it is held to."""
+    print()
+    print(f"{'metric':<{width}}{'value':>14}   {last}")
+    for name, value, target in rows:
+        print(f"{name:<{width}}{value:>14}   {target}")
+
+
 def print_table(r: dict[str, Any]) -> None:
     t = r["targets"]
-    ok = lambda b: "PASS" if b else "FAIL"  # noqa: E731
     rows = [
         ("model size", f"{r['model_gb']:.2f} GB", ""),
         ("copy", f"{r['copy_s']:.2f} s", ""),
@@ -572,10 +583,7 @@ def print_table(r: dict[str, Any]) -> None:
         ("ratio qeff-opt / copy", f"{r['ratio']:.2f}", f"<= {t['ratio_max']:g}  {ok(t['ratio_pass'])}"),
         ("qeff-opt peak RSS", f"{r['peak_rss_gb']:.3f} GB", f"<= {t['peak_rss_gb_max']:g} GB  {ok(t['peak_rss_pass'])}"),
     ]
-    print()
-    print(f"{'metric':<24}{'value':>12}   target")
-    for name, value, target in rows:
-        print(f"{name:<24}{value:>12}   {target}")
+    print_metrics(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,7 @@ from qeff.contract import is_retained_output
 from qeff.errors import QeffError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_io import work_folder  # noqa: E402  (the benchmarks' shared work-folder handling)
+from bench_io import ok, print_metrics, work_folder  # noqa: E402  (what the benchmarks share)
 
 AIM_PASS_S = 2.0
 MODEL_NAME = "model.onnx"
@@ -212,7 +212,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    ok = lambda b: "PASS" if b else "FAIL"  # noqa: E731
     v = r["verification"]
     rows = [
         ("layers", f"{r['layers']}", ""),
@@ -223,10 +222,7 @@ def print_table(r: dict[str, Any]) -> None:
         ("ratio optimize / load+save", f"{r['ratio']:.2f}", ""),
         ("generation check", f"{v['token_agreement']} tokens", f"max_abs {v['max_abs']:.2e}  {ok(v['passed'])}"),
     ]
-    print()
-    print(f"{'metric':<30}{'value':>14}   aim")
-    for name, value, aim in rows:
-        print(f"{name:<30}{value:>14}   {aim}")
+    print_metrics(rows, "aim", width=30)
 
 
 def main(argv: list[str] | None = None) -> int:
