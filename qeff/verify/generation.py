@@ -76,13 +76,12 @@ def verify_kv_model(reference: str | os.PathLike, candidate: str | os.PathLike |
     ctx = session.ctx_len or _static(session.spec(next(iter(session.retained))).shape[2])
     if ctx is None:
         raise QeffError("the cache length is symbolic and no ctx_len was given", "pass ctx_len")
+    if ctx - max(prompt_lengths) + 1 < 2:  # a small cache: shorter prompts leave room to decode
+        prompt_lengths = [max(1, ctx // 2), max(1, ctx // 3)]
     batch = _static(session.spec(INPUT_IDS).shape[0])
     if batch is not None:  # a model bound by fixed:batch_size=N takes N prompts
         prompt_lengths = [prompt_lengths[i % len(prompt_lengths)] for i in range(batch)]
     room = ctx - max(prompt_lengths) + 1
-    if room < 2:
-        prompt_lengths = [max(1, ctx // 2), max(1, ctx // 3)][: batch or 2]
-        room = ctx - max(prompt_lengths) + 1
     steps = max(1, min(max_new_tokens, room))
     rng = np.random.default_rng(seed)
     vocab = _reference_vocab(reference)
