@@ -182,7 +182,9 @@ class MXWeightPass(QeffPass):
         for value, uses in weight_uses(graph).items():
             name, label = value.name or "", weight_label(value)
             why = None
-            if any(fnmatch.fnmatchcase(n, pattern) for pattern in self.options.skip for n in (name, label)):
+            if value.const_value.size == 0:
+                why = "empty (nothing to quantize)"
+            elif any(fnmatch.fnmatchcase(n, pattern) for pattern in self.options.skip for n in (name, label)):
                 why = "matches skip"
             elif value.const_value.size < self.options.min_size:
                 why = f"fewer than {self.options.min_size} elements"

@@ -146,3 +146,24 @@ def test_kv_then_mxfp6_on_the_tiny_architectures(tiny_export, tmp_path, arch):
     assert summary.steps == 8 and np.isfinite(summary.max_abs)
     agree, total = map(int, summary.token_agreement.split("/"))
     assert total == 16 and agree >= MXFP6_AGREEMENT[arch], f"{arch}: tokens vs fp32 {summary.token_agreement}"
+
+
+@pytest.mark.parametrize("pass_name", ["mxfp6", "mxint8"])
+def test_a_zero_size_weight_is_skipped_not_crashed_on(tmp_path, pass_name):
+    """``MatMul(x, W)`` with ``W`` of shape (100000, 0): the CLI reports the weight as skipped
+    and writes a model that computes what the original does (an empty product)."""
+    import subprocess
+    import sys
+
+    proto = onnx.parser.parse_model(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[2, 100000] x) => (float[2, 0] y) { y = MatMul(x, w) }""")
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((100000, 0), np.float32), "w"))
+    src, out = tmp_path / "empty.onnx", tmp_path / "empty.mx.onnx"
+    onnx.save(proto, src)
+    done = subprocess.run([sys.executable, "-m", "qeff.cli", "opt", str(src), "--passes", pass_name, "-o", str(out),
+                           "--report", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passes"][0]["details"]["skipped"] == {"w": "empty (nothing to quantize)"}
+    assert ir.load(out).graph.initializers["w"].const_value.shape.numpy() == (100000, 0)
