@@ -49,7 +49,8 @@ def compare_with_onnxruntime(
         expected = model(**on_device, use_cache=False).logits.float().cpu().numpy()
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
+    ort.set_default_logger_severity(4)  # failures surface as exceptions, reported as one line
+    options.log_severity_level = 4
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     wanted = [i.name for i in session.get_inputs()]
     missing = [name for name in wanted if name not in feeds]

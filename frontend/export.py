@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qeff.common.atomic import Staging
+from qeff.common.atomic import Staging, unique_data_name
+from qeff.common.datafiles import relink_data, replaced_data_files
 from qeff.errors import ExportError
 
 from ._deps import require_torch
@@ -282,6 +283,23 @@ def _fix_torchscript_external_data(target: Path, external: bool) -> None:
             stray.unlink()
 
 
+def _data_commit(staging: Staging, output: Path) -> dict[str, Any]:
+    """What to move with the model and what to remove after it. The exporter names the data
+    file ``<name>.data``; when an earlier output already has a file of that name it is renamed
+    to one unique to this export, so renaming the model stays the only commit point (the old
+    model never pairs with new data). The data files the old model read go once it is replaced."""
+    data = output.name + ".data"
+    staged = staging.folder / data
+    if staged.exists() and (output.parent / data).exists():
+        unique = unique_data_name(output)
+        os.replace(staged, staging.folder / unique)
+        relink_data(staging.path, data, unique)
+        data = unique
+    if not (staging.folder / data).exists():
+        return {"obsolete": replaced_data_files(output)}
+    return {"companions": [data], "obsolete": replaced_data_files(output, keep={(output.parent / data).resolve()})}
+
+
 def export_causal_lm(
     model: Any,
     output: str | os.PathLike[str],
@@ -360,9 +378,8 @@ def export_causal_lm(
                 raise ExportError(f"exporting {arch} with {exporter} failed: the exporter wrote no file")
 
             stages.stage(f"Writing {output.name}")
-            # Data first, model last: the model file appearing is what marks the export done;
-            # a data file from an earlier external-data export of the same name is stale now.
-            staging.commit(companions=[output.name + ".data"])
+            # Data first, model last: the model file appearing is what marks the export done.
+            staging.commit(**_data_commit(staging, output))
     except BaseException:
         staging.discard()
         if created_parent:

@@ -7,6 +7,7 @@ Errors the user can fix are printed as one line on stderr with exit code 2 and n
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,39 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+INT_MAX = 2**31 - 1  # sizes and counts: what the compiler and the runtime take
+
+
+def _count(low: int = 1, high: int = INT_MAX):
+    """An integer option's check: ``low <= value <= high``."""
+    def check(value: int | None) -> int | None:
+        if value is not None and not low <= value <= high:
+            raise typer.BadParameter(f"{value} is not between {low} and {high}")
+        return value
+    return check
+
+
+def _seed():
+    return _count(0, 2**32 - 1)  # what numpy's generators take
+
+
+def _number(low: float | None = None, above: float | None = None, high: float | None = None):
+    """A float option's check: finite, and ``>= low``, ``> above``, ``<= high`` as given."""
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number")
+        if low is not None and value < low:
+            raise typer.BadParameter(f"{value} is below {low:g}")
+        if above is not None and value <= above:
+            raise typer.BadParameter(f"{value} must be above {above:g}")
+        if high is not None and value > high:
+            raise typer.BadParameter(f"{value} is above {high:g}")
+        return value
+    return check
+
+
 class _State:
     debug = False
     program = "qeff"
@@ -35,33 +69,78 @@ def _set_debug(debug: bool) -> None:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _run_app(app: typer.Typer, program: str) -> None:
-    """Invoke a typer app, turning QeffError into one line on stderr and exit code 2."""
-    _State.program = program
+def _interrupted_line(program: str) -> str:
+    from qeff import entry
+    from qeff.common.atomic import published
+
+    written = published()
+    what = entry.received or "interrupted"
+    if not written:
+        return f"{program}: {what}; nothing was written"
+    return f"{program}: {what}; already written: {', '.join(str(p) for p in written)}"
+
+
+def _fail(program: str, message: str) -> None:
+    # The message is plain text (it may hold "[b, h, S, d]"); only the prefix is markup.
+    err_console.print(f"[bold red]{program}: error:[/] ", end="", highlight=False)
+    err_console.print(" ".join(message.split()), highlight=False, soft_wrap=True, markup=False)
+    sys.exit(2)
+
+
+def _click_exceptions():
+    """The exceptions of the click typer runs on (newer typers carry their own copy)."""
     try:
-        # Standalone mode lets click report usage errors itself (exit 2); our own errors are
-        # not click exceptions, so they propagate to here.
-        app(prog_name=program)
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def _run_app(app: typer.Typer, program: str) -> None:
+    """Invoke a typer app: a QeffError or a bad option is one line on stderr and exit code 2;
+    an interrupt (Ctrl-C or SIGTERM) says whether anything was written."""
+    from qeff import entry
+
+    click = _click_exceptions()
+    _State.program = program
+    entry.install_handlers()  # also when called without the console script
+
+    def interrupted() -> None:
+        err_console.print(_interrupted_line(program), highlight=False, soft_wrap=True, markup=False)
+        sys.exit(entry.exit_code())
+
+    try:
+        # Click reports its own usage errors; out of standalone mode they reach us and are
+        # printed as one line like ours. Typer turns an interrupt into exit code 130.
+        code = app(prog_name=program, standalone_mode=False)
+    except click.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        if _State.debug:
+            raise
+        _fail(program, f"{e.format_message()} — see {program} --help")
+    except (typer.Abort, KeyboardInterrupt):
+        interrupted()
     except QeffError as e:
         if _State.debug:
             raise
-        # The message is plain text (it may hold "[b, h, S, d]"); only the prefix is markup.
-        err_console.print(f"[bold red]{program}: error:[/] ", end="", highlight=False)
-        err_console.print(e.one_line(), highlight=False, soft_wrap=True, markup=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print(f"{program}: interrupted; nothing was written")
-        sys.exit(130)
+        _fail(program, e.one_line())
     except Exception as e:  # a bug, not bad input: say so, keep it short unless --debug
         if _State.debug:
             raise
+        first = str(e).splitlines()[0] if str(e).strip() else ""
         err_console.print(
-            f"[bold red]{program}: internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"[bold red]{program}: internal error:[/] {type(e).__name__}: {first} "
             "(rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )
         sys.exit(1)
+    if entry.received:
+        interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,6 +191,10 @@ def run_opt(
         output = default_output_path(model, pipeline)
     if plot is not None:
         _check_plot(plot, pipeline)
+        from qeff.common.paths import check_output_file, model_files
+
+        taken = model_files(model) | model_files(output) | ({report.resolve()} if report else set())
+        check_output_file(plot, "--plot", taken)
     start = time.perf_counter()
     result = optimize(
         model,
@@ -153,8 +236,6 @@ def _check_plot(plot: Path, pipeline: list) -> None:
                         "add mxfp6, mxfp4, mxfp8 or mxint8, or drop --plot")
     if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise QeffError(f"--plot {plot}: unknown image type", "name it .png, .svg or .pdf")
-    if not plot.parent.exists():
-        raise QeffError(f"--plot {plot}: folder {plot.parent} does not exist", "create it or choose another path")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -171,12 +252,12 @@ def qeff_opt(
         None, "--passes", "-p", help="comma-separated passes with options, e.g. cleanup,fold:max_elements=4096"
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output model (default: MODEL.<passes>.onnx)"),
-    ctx_len: Optional[int] = typer.Option(None, "--ctx-len", help="context length for passes that take ctx_len"),
+    ctx_len: Optional[int] = typer.Option(None, "--ctx-len", help="context length for passes that take ctx_len", callback=_count()),
     verify: bool = typer.Option(False, "--verify", help="compare original and rewritten model in onnxruntime"),
     tolerance: Optional[float] = typer.Option(
         None, "--tolerance",
         help="what --verify accepts: max abs difference (default 1e-4), or with fp16clip in the "
-             "pipeline the difference relative to the largest reference value (default 1e-2)"),
+             "pipeline the difference relative to the largest reference value (default 1e-2)", callback=_number(low=0.0)),
     report: Optional[Path] = typer.Option(None, "--report", help="write the change report as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="draw the per-weight error of MX passes per layer (.png)"),
     external_data: Optional[bool] = typer.Option(
@@ -231,8 +312,8 @@ def export_command(
     tiny: Optional[str] = typer.Option(None, "--tiny", help="built-in tiny random model by architecture, e.g. llama"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output .onnx (default: <name>.onnx)"),
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo or torchscript"),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)"),
-    seed: int = typer.Option(0, "--seed", help="seed for the tiny model's random weights"),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)", callback=_count()),
+    seed: int = typer.Option(0, "--seed", help="seed for the tiny model's random weights", callback=_seed()),
     attn: str = typer.Option("eager", "--attn", help="attention implementation: eager or sdpa"),
     external_data: Optional[bool] = typer.Option(
         None, "--external-data/--no-external-data", help="weights in a .data file (default: when > 1 GiB)"
@@ -288,14 +369,14 @@ def export_command(
 def compile_command(
     model: Path = typer.Argument(..., help="the .onnx qeff-opt wrote (its manifest beside it supplies defaults)"),
     output: Path = typer.Option(..., "--output", "-o", help="compile folder (the QPC goes to OUTPUT/qpc)"),
-    num_cores: int = typer.Option(16, "--num-cores", help="AI cores per device"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch size (default 1)"),
-    prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="prefill sequence length (default: manifest, else 32)"),
-    ctx_len: Optional[int] = typer.Option(None, "--ctx-len", help="cache length (default: manifest or the model)"),
-    full_batch_size: Optional[int] = typer.Option(None, "--full-batch-size", help="continuous batching: cache rows"),
+    num_cores: int = typer.Option(16, "--num-cores", help="AI cores per device", callback=_count()),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch size (default 1)", callback=_count()),
+    prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="prefill sequence length (default: manifest, else 32)", callback=_count()),
+    ctx_len: Optional[int] = typer.Option(None, "--ctx-len", help="cache length (default: manifest or the model)", callback=_count()),
+    full_batch_size: Optional[int] = typer.Option(None, "--full-batch-size", help="continuous batching: cache rows", callback=_count()),
     devices: Optional[str] = typer.Option(None, "--devices", help="device ids, e.g. 0,1,2,3 (more than one: multi-device partition)"),
-    mos: Optional[int] = typer.Option(None, "--mos", help="compiler -mos (effort to reduce on-chip memory)"),
-    ols: Optional[int] = typer.Option(None, "--ols", help="compiler -ols (split factor for operations)"),
+    mos: Optional[int] = typer.Option(None, "--mos", help="compiler -mos (effort to reduce on-chip memory)", callback=_count()),
+    ols: Optional[int] = typer.Option(None, "--ols", help="compiler -ols (split factor for operations)", callback=_count()),
     depth_first: bool = typer.Option(False, "--depth-first", help="compiler -aic-enable-depth-first"),
     mxfp6: Optional[bool] = typer.Option(None, "--mxfp6/--no-mxfp6", help="-mxfp6-matmul (default: from the manifest)"),
     kv_precision: Optional[str] = typer.Option(None, "--kv-precision", help="float16, bfloat16 or mxint8 (default: manifest)"),
@@ -308,9 +389,9 @@ def compile_command(
     multicast_weights: bool = typer.Option(False, "--multicast-weights", help="compiler -multicast-weights"),
     custom_io: Optional[list[str]] = typer.Option(
         None, "--custom-io", help="NAME=PRECISION (float16, bfloat16, mxint8) for an input or output, repeatable"),
-    stats_batchsize: Optional[int] = typer.Option(None, "--stats-batchsize", help="compiler -stats-batchsize"),
+    stats_batchsize: Optional[int] = typer.Option(None, "--stats-batchsize", help="compiler -stats-batchsize", callback=_count()),
     dry_run: bool = typer.Option(False, "--dry-run", help="write the files and the command, do not compile"),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="stop the compiler after this many seconds"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="stop the compiler after this many seconds", callback=_number(above=0.0)),
 ) -> None:
     """Lower a rewritten model to the Cloud AI compiler: specializations or defined symbols, custom IO, multi-device, QPC."""
     from qeff.backend_aic import CompileOptions, compile_model
@@ -357,15 +438,15 @@ def run_command(
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="text to continue (repeat for a batch); needs --tokenizer"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="local tokenizer folder (tokenizer.json)"),
     input_ids: Optional[list[str]] = typer.Option(None, "--input-ids", help="token ids instead of text, e.g. 5,9,3 (repeatable)"),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="tokens to generate per prompt"),
-    prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="prefill chunk (default: the compiled one, else 32)"),
-    ctx_len: Optional[int] = typer.Option(None, "--ctx-len", help="cache length of an .onnx model (default: its manifest)"),
-    full_batch_size: Optional[int] = typer.Option(None, "--full-batch-size", help="continuous batching: cache rows"),
-    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; else sample"),
-    top_k: int = typer.Option(0, "--top-k", help="sample from the k most likely tokens (0: all)"),
-    top_p: float = typer.Option(1.0, "--top-p", help="sample from the smallest set reaching this probability"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling"),
-    device_id: int = typer.Option(0, "--device-id", help="Cloud AI device for a QPC"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="tokens to generate per prompt", callback=_count()),
+    prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="prefill chunk (default: the compiled one, else 32)", callback=_count()),
+    ctx_len: Optional[int] = typer.Option(None, "--ctx-len", help="cache length of an .onnx model (default: its manifest)", callback=_count()),
+    full_batch_size: Optional[int] = typer.Option(None, "--full-batch-size", help="continuous batching: cache rows", callback=_count()),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; else sample", callback=_number(low=0.0)),
+    top_k: int = typer.Option(0, "--top-k", help="sample from the k most likely tokens (0: all)", callback=_count(low=0)),
+    top_p: float = typer.Option(1.0, "--top-p", help="sample from the smallest set reaching this probability", callback=_number(above=0.0, high=1.0)),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling", callback=_seed()),
+    device_id: int = typer.Option(0, "--device-id", help="Cloud AI device for a QPC", callback=_count(low=0)),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="also write the tokens and stats (encoders: the outputs) as JSON"),
     text_file: Optional[Path] = typer.Option(None, "--text-file", help="inputs, one per line (needs --tokenizer)"),
 ) -> None:
@@ -374,6 +455,11 @@ def run_command(
     from qeff.runtime import generate
     from qeff.runtime import run as runner
 
+    if stats_json is not None:
+        from qeff.common.paths import check_output_file, model_files
+
+        inputs = [*model_files(model), *(p for p in (text_file, tokenizer) if p is not None)]
+        check_output_file(stats_json, "--stats-json", inputs)
     texts = runner.read_prompts(prompt, text_file)
     tok = runner.load_tokenizer(tokenizer) if tokenizer is not None else None
     session = runner.open_session(model, ctx_len=ctx_len, full_batch_size=full_batch_size, device_id=device_id)
@@ -429,8 +515,8 @@ def bench_command(
     model: Path = typer.Argument(..., help="a model without a KV cache (.onnx), e.g. an exported encoder"),
     batch_size: str = typer.Option("1,4,8", "--batch-size", help="batch sizes, comma-separated"),
     instances: str = typer.Option("1,2", "--instances", help="sessions running side by side, comma-separated"),
-    seq_len: int = typer.Option(128, "--seq-len", help="sequence length of the generated inputs"),
-    duration: float = typer.Option(2.0, "--duration", help="seconds per configuration"),
+    seq_len: int = typer.Option(128, "--seq-len", help="sequence length of the generated inputs", callback=_count()),
+    duration: float = typer.Option(2.0, "--duration", help="seconds per configuration", callback=_number(above=0.0)),
     json_path: Optional[Path] = typer.Option(None, "--json", help="also write the table as JSON"),
 ) -> None:
     """Inferences/s and latency percentiles on onnxruntime, per batch size and instance count."""
@@ -450,6 +536,10 @@ def bench_command(
             raise QeffError(f"--{what} is empty", f"e.g. --{what} 1,4,8")
         return values
 
+    if json_path is not None:
+        from qeff.common.paths import check_output_file, model_files
+
+        check_output_file(json_path, "--json", model_files(model))
     rows = bench_model(model, numbers(batch_size, "batch-size"), numbers(instances, "instances"),
                        seq_len=seq_len, duration=duration)
     table = Table(title=f"qeff bench {model.name} (onnxruntime CPU, sequence length {seq_len})")
@@ -460,8 +550,10 @@ def bench_command(
                       f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}")
     console.print(table)
     if json_path is not None:
-        json_path.write_text(json_module.dumps({"model": str(model), "seq_len": seq_len,
-                                                "rows": [dc.asdict(r) for r in rows]}, indent=2) + "\n")
+        from qeff.common.atomic import write_text_atomic
+
+        write_text_atomic(json_path, json_module.dumps({"model": str(model), "seq_len": seq_len,
+                                                        "rows": [dc.asdict(r) for r in rows]}, indent=2) + "\n")
 
 
 @app.command("demo")
@@ -472,10 +564,12 @@ def demo_command(
     passes: str = typer.Option("cleanup,fold,kv,fixed,fp16clip,mxfp6", "--passes", help="passes to run"),
     ctx_len: Optional[int] = typer.Option(
         None, "--ctx-len", help="cache length for the kv pass (default 64; only with a pass that takes it)"
-    ),
+    , callback=_count()),
     encoder: bool = typer.Option(False, "--encoder", help="the encoder flow instead: tiny BERT for question answering"),
 ) -> None:
     """Build a tiny model, export it, rewrite it, verify it and generate with it: the whole flow on one screen."""
+    if workdir.exists() and not workdir.is_dir():
+        raise QeffError(f"--workdir {workdir} is a file", "give a folder (it is created when missing)")
     if encoder:
         from qeff.demo_encoder import run_encoder_demo
 

@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from qeff.errors import ManifestError
+
 logger = logging.getLogger(__name__)
 
 # --- KV model I/O (DESIGN §3.1) ------------------------------------------------------------
@@ -242,6 +244,14 @@ def _kv_section(value: Any, where: str) -> dict[str, Any]:
     return {k: checks[k](v, f"{where}.{k}") for k, v in section.items() if k in checks and v is not None}
 
 
+def _file_name(value: Any, where: str) -> str:
+    """A file the manifest names lives beside the model: a plain name, no folders."""
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value \
+            or "\0" in value:
+        raise ValueError(f"{where} must be the name of a file beside the model, got {value!r}")
+    return value
+
+
 _KV_FIELDS = {f.name for f in dataclasses.fields(KVLayout)}
 _TEXT = _expect(str, "text")
 _OBJECT = _expect(dict, "an object")
@@ -261,7 +271,7 @@ _SCHEMA: dict[str, Any] = {
     "fixed": _OBJECT,
     "fp16": _OBJECT,
     "custom_io": _mapping_of(_TEXT, "precisions"),
-    "node_precision_info": _TEXT,
+    "node_precision_info": _file_name,
 }
 
 
@@ -274,23 +284,28 @@ def manifest_path(model_path: str | os.PathLike) -> Path:
 
 def read_manifest(model_path: str | os.PathLike) -> Manifest | None:
     """The manifest beside ``model_path``; None when there is none or it is not one of ours.
-    A manifest of ours whose fields do not fit the schema raises ``ValueError``."""
+    A manifest of ours whose fields do not fit the schema raises :class:`ManifestError`."""
     path = manifest_path(model_path)
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         logger.warning("ignoring unreadable manifest %s: %s", path, e)
         return None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         logger.warning("ignoring %s: not a %s manifest", path, MANIFEST_FORMAT)
         return None
-    return Manifest.from_dict(data, origin=path.name)
+    try:
+        return Manifest.from_dict(data, origin=path.name)
+    except ValueError as e:
+        raise ManifestError(f"the manifest {path.name} is not valid: {e}",
+                            "delete it, or re-run the passes that wrote it") from None
 
 
-def write_manifest(model_path: str | os.PathLike, manifest: Manifest) -> Path:
-    """Write the manifest (and its side files) beside ``model_path``, each file atomically."""
+def write_manifest(model_path: str | os.PathLike, manifest: Manifest) -> list[Path]:
+    """Write the manifest (and its side files) beside ``model_path``, each file atomically;
+    returns the files written, side files first."""
     from qeff.common.atomic import write_text_atomic
 
     model_path = Path(model_path)
@@ -299,10 +314,11 @@ def write_manifest(model_path: str | os.PathLike, manifest: Manifest) -> Path:
     # Files a pass hands to the backend (fp16clip's -node-precision-info YAML) go next to the
     # model; the manifest names them.
     stem = model_path.name[: -len(".onnx")] if model_path.name.endswith(".onnx") else model_path.stem
+    written = []
     for key, (suffix, text) in side_files.items():
         side = model_path.with_name(stem + suffix)
-        write_text_atomic(side, text)
+        written.append(write_text_atomic(side, text))
         setattr(manifest, key, side.name)
     path = manifest_path(model_path)
-    write_text_atomic(path, json.dumps(manifest.to_dict(), indent=2, default=str) + "\n")
-    return path
+    written.append(write_text_atomic(path, json.dumps(manifest.to_dict(), indent=2, default=str) + "\n"))
+    return written

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "QeffError",
     "ModelLoadError",
+    "ManifestError",
     "OutputPathError",
     "PassOptionError",
     "PassSequenceError",
@@ -40,6 +41,10 @@ class QeffError(Exception):
 
 class ModelLoadError(QeffError):
     """The input is not a readable ONNX model (or its external data is missing or unsafe)."""
+
+
+class ManifestError(QeffError):
+    """The manifest beside a model (``<name>.qeff.json``) does not fit its schema."""
 
 
 class OutputPathError(QeffError):

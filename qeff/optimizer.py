@@ -9,27 +9,29 @@ from __future__ import annotations
 
 __all__ = ["optimize"]
 
+import math
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from qeff.contract import read_manifest, write_manifest
+from qeff.common.paths import check_output_file, model_files
+from qeff.contract import manifest_path, read_manifest, write_manifest
 from qeff.errors import QeffError, VerificationError
 from qeff.passes import PipelineResult, QeffPass, run_passes
 from qeff.passes.infra.manager import resolve_passes
-from qeff.passes.ir.model_io import ModelLike, StagedModel, as_ir_model, check_output_path, external_data_files
+from qeff.passes.ir.model_io import (ModelLike, StagedModel, as_ir_model, check_model, check_output_path,
+                                     external_data_files)
 from qeff.verify import failure_message, verify_pipeline
 
 
 def _previous_manifest(input_path: Path | None):
-    if input_path is None:
-        return None
-    try:
-        return read_manifest(input_path)
-    except ValueError as e:
-        raise QeffError(f"the manifest beside {input_path.name} is not valid: {e}",
-                        "delete it, or re-run the passes that wrote it") from None
+    return read_manifest(input_path) if input_path is not None else None
+
+
+def _check_tolerance(tolerance: float | None) -> None:
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise QeffError(f"tolerance {tolerance} is not a number >= 0", "e.g. --tolerance 1e-3")
 
 
 def optimize(
@@ -47,21 +49,28 @@ def optimize(
     """Run ``passes`` on ``model`` and (when ``output`` is given) write the result atomically.
 
     ``model`` may be a path, ``onnx.ModelProto``, ``ir.Model`` or ``onnx_graphsurgeon.Graph``;
-    an ``ir.Model`` given in is cloned, never modified. With ``verify`` the original and the
-    rewritten model run in onnxruntime (see :func:`qeff.verify.verify_pipeline`) and a
-    difference above ``tolerance`` raises :class:`VerificationError` (the output is then not
-    written).
+    what is given in is never modified (an ``ir.Model`` is cloned, a proto copied). With
+    ``verify`` the original and the rewritten model run in onnxruntime (see
+    :func:`qeff.verify.verify_pipeline`) and a difference above ``tolerance`` raises
+    :class:`VerificationError` (the output is then not written). Every path is checked before
+    any work: the output and the report may not be an input file, its data or its manifest, or
+    each other.
     """
     input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    _check_tolerance(tolerance)
     pipeline = resolve_passes(passes, overrides)
     ir_model = as_ir_model(model)
     if ir_model is model:
         ir_model = ir_model.clone()
+        check_model(ir_model)
     protected = external_data_files(ir_model)
     if input_path is not None:
-        protected.add(input_path.resolve())
+        protected |= model_files(input_path)
     if output is not None:
         check_output_path(output, inputs=protected)
+    if report_path is not None:
+        written = model_files(output) if output is not None else set()
+        check_output_file(report_path, "the report", protected | written)
     previous = _previous_manifest(input_path)
 
     result = run_passes(ir_model, pipeline, manifest=previous, progress=progress)
@@ -75,7 +84,8 @@ def optimize(
             reference = Path(scratch) / "reference.onnx"
             StagedModel(as_ir_model(model), reference).commit()
         if output is not None:
-            staged = StagedModel(result.model, output, external_data=external_data, progress=progress)
+            staged = StagedModel(result.model, output, external_data=external_data, progress=progress,
+                                 protected=protected)
         elif verify:
             staged = StagedModel(result.model, Path(scratch) / "candidate.onnx")
         else:
@@ -87,14 +97,19 @@ def optimize(
                     lossy=any(p.lossy for p in pipeline), ctx_len=result.manifest.ctx_len)
             verified = not verify or result.report.verification.passed
             if output is not None and verified:
-                result.output = staged.commit()
-                result.manifest_path = write_manifest(result.output, result.manifest)
+                # The manifest and its side files are staged beside the model and committed with
+                # it: an interrupted run leaves the old pair or the new one, never a mix.
+                written = write_manifest(staged.path, result.manifest)
+                result.output = staged.commit(companions=[p.name for p in written])
+                result.manifest_path = manifest_path(result.output)
                 result.report.output = str(result.output)
         finally:
             if staged is not None:
                 staged.discard()
-            if report_path is not None:
-                result.report.write_json(report_path)
+    # Also when verification failed (the report says why); not when a step raised or the run
+    # was interrupted.
+    if report_path is not None:
+        result.report.write_json(report_path)
     verification = result.report.verification
     if verification is not None and not verification.passed:
         raise VerificationError(failure_message(verification),

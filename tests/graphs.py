@@ -93,3 +93,12 @@ def set_external_location(path: Path, location: str) -> None:
             if entry.key == "location":
                 entry.value = location
     onnx.save(proto, str(path))
+
+
+def data_file(model_path: Path) -> Path:
+    """The one external-data file ``model_path`` refers to, read from its protobuf (each save
+    gives it a name of its own, so tests look it up rather than guess it)."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert len(locations) == 1, locations
+    return Path(model_path).parent / locations.pop()

@@ -2,11 +2,13 @@
 
 Rules:
 - Loading memory-maps external data (``ir.load``); weights are only read when a pass touches them.
-- Every external-data reference is checked on load: its location must be relative, stay inside
-  the model's folder, name an existing file, and fit inside it (offset + length).
+- Every model is checked before a pass sees it (:func:`check_model`): names are text, graphs
+  have outputs and no cycle, and every external-data reference of every tensor is relative,
+  stays inside the model's folder, names an existing file and fits inside it.
 - Saving is atomic: the model and its data file are written into a temporary folder beside the
-  destination and renamed into place only once both are complete, so a failure never leaves a
-  partial output and an existing output stays intact.
+  destination and renamed into place only once both are complete, the model's rename being the
+  only commit point (the data file's name is unique to each save), so a failure or an
+  interruption never leaves a partial output and an existing output stays intact.
 - The input files are never written: an output path that equals the input model or any data
   file the input reads from is refused.
 """
@@ -20,12 +22,14 @@ __all__ = [
     "save_model",
     "StagedModel",
     "check_output_path",
+    "check_model",
     "external_data_files",
     "model_nbytes",
 ]
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -33,7 +37,9 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from qeff.common.atomic import Staging
+from qeff.common.atomic import Staging, unique_data_name
+from qeff.common.datafiles import replaced_data_files
+from qeff.common.paths import check_output_file
 from qeff.common.progress import bytes_progress
 from qeff.errors import ModelLoadError, OutputPathError
 
@@ -47,7 +53,7 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX file lazily and validate its external-data references."""
+    """Load an ONNX file lazily and validate it (see :func:`check_model`)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file", "check the path")
@@ -60,66 +66,160 @@ def load_model(path: str | os.PathLike) -> ir.Model:
             f"{path} is not a valid ONNX model (protobuf decode failed: {e})",
             "the file may be truncated or not ONNX at all; re-export it",
         ) from e
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} could not be read as ONNX: {e}", "re-export the model") from e
     if len(model.graph) == 0 and not model.graph.outputs:
         raise ModelLoadError(
             f"{path} parsed to an empty ONNX model",
             "the file is probably not ONNX; re-export the model",
         )
-    _check_external_data(model, path.parent)
+    check_model(model, path.parent, origin=path.name)
     return model
 
 
-def _check_external_data(model: ir.Model, base_dir: Path) -> None:
-    base = base_dir.resolve()
-    sizes: dict[Path, int] = {}
+def check_model(model: ir.Model, base_dir: Path | None = None, *, origin: str = "the model") -> None:
+    """Refuse what no pass can work on, before any pass runs.
+
+    - every name is text (a name that is not UTF-8 cannot be written back);
+    - the graph has outputs and no cycle, in every graph and function;
+    - every external-data reference, of any tensor (initializers, ``Constant`` and other
+      attribute tensors, in subgraphs and functions), is relative, stays inside the model's
+      folder (``base_dir``, else the folder each tensor was loaded from) once symlinks are resolved, names an existing file and fits inside it. Attribute
+      tensors are then read into memory: they are small, and an output must not depend on
+      where the input's files were.
+    """
+    if not model.graph.outputs:
+        raise ModelLoadError(f"{origin} has no graph outputs: it computes nothing a pass could keep",
+                             "re-export the model with its outputs")
+    _check_names(model, origin)
+    for graph in _graphs(model):
+        _check_acyclic(graph, origin)
+    _check_external_data(model, base_dir)
+
+
+def _graphs(model: ir.Model):
+    yield from model.graphs()
+    for function in model.functions.values():
+        yield function
+
+
+def _all_tensors(model: ir.Model):
+    """(what, tensor, replace) for every tensor: initializers and attribute tensors, everywhere."""
     for graph in model.graphs():
         for value in graph.initializers.values():
-            tensor = value.const_value
-            if not isinstance(tensor, ir.ExternalTensor):
-                continue
-            location = tensor.location
-            if os.path.isabs(location) or Path(location).is_absolute():
-                raise ModelLoadError(
-                    f"initializer {value.name!r} points to external data at an absolute path "
-                    f"({location})",
-                    "external data must sit beside the model; re-save it with a relative location",
-                )
-            target = (base / location).resolve()
-            if base != target and base not in target.parents:
-                raise ModelLoadError(
-                    f"initializer {value.name!r} points to external data outside the model's "
-                    f"folder ({location})",
-                    "move the data file next to the model and re-save it",
-                )
-            if target not in sizes:
-                if not target.is_file():
+            if value.const_value is not None:
+                yield f"initializer {value.name!r}", value.const_value, None
+    for graph in _graphs(model):
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+                    yield f"tensor attribute {attr.name!r} of node {node.name!r}", attr.value, (node, attr.name, None)
+                elif attr.type == ir.AttributeType.TENSORS:
+                    for i, t in enumerate(attr.value or ()):
+                        yield f"tensor {i} of attribute {attr.name!r} of node {node.name!r}", t, (node, attr.name, i)
+
+
+def _check_names(model: ir.Model, origin: str) -> None:
+    def text(name: object, what: str) -> None:
+        if name is not None and not isinstance(name, str):
+            raise ModelLoadError(f"{origin}: the {what} {name!r} is not valid UTF-8 text",
+                                 "ONNX names are UTF-8; re-export the model")
+
+    for graph in _graphs(model):
+        for v in [*graph.inputs, *graph.outputs]:
+            text(v.name, "graph input/output name")
+        for node in graph:
+            text(node.name, "node name")
+            text(node.op_type, "operator type")
+            text(node.domain, "operator domain")
+            for v in node.outputs:
+                text(v.name, "value name")
+            for attr in node.attributes.values():
+                text(attr.name, "attribute name")
+                if attr.type == ir.AttributeType.STRING:
+                    text(attr.value, f"text of attribute {attr.name!r}")
+    for key, value in model.metadata_props.items():
+        text(key, "metadata key")
+        text(value, "metadata value")
+
+
+def _check_acyclic(graph: ir.Graph | ir.Function, origin: str) -> None:
+    """Depth-first search over producer edges within ``graph`` (iterative: graphs are deep)."""
+    nodes = set(graph)
+    state: dict[ir.Node, int] = {}  # 1: on the current path, 2: done
+    for root in graph:
+        if root in state:
+            continue
+        stack = [(root, iter(root.inputs))]
+        state[root] = 1
+        while stack:
+            node, inputs = stack[-1]
+            for value in inputs:
+                producer = value.producer() if value is not None else None
+                if producer is None or producer not in nodes:
+                    continue
+                if state.get(producer) == 1:
                     raise ModelLoadError(
-                        f"external data file {location!r} of initializer {value.name!r} is missing "
-                        f"(looked in {base})",
-                        "copy the data file next to the model",
-                    )
-                sizes[target] = target.stat().st_size
-            end = tensor.offset or 0
-            end += tensor.length if tensor.length is not None else tensor.nbytes
-            if end > sizes[target]:
+                        f"{origin}: the graph has a cycle through node {producer.name!r} ({producer.op_type})",
+                        "an ONNX graph must be acyclic; re-export the model")
+                if producer not in state:
+                    state[producer] = 1
+                    stack.append((producer, iter(producer.inputs)))
+                    break
+            else:
+                state[node] = 2
+                stack.pop()
+
+
+def _check_external_data(model: ir.Model, base_dir: Path | None) -> None:
+    sizes: dict[Path, int] = {}
+    for what, tensor, where in list(_all_tensors(model)):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        # A model built in memory: each tensor's data is relative to the folder it came from.
+        base = Path(base_dir if base_dir is not None else (tensor.base_dir or ".")).resolve()
+        location = tensor.location
+        if os.path.isabs(location) or Path(location).is_absolute():
+            raise ModelLoadError(
+                f"{what} points to external data at an absolute path ({location})",
+                "external data must sit beside the model; re-save it with a relative location",
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise ModelLoadError(
+                f"{what} points to external data outside the model's folder ({location})",
+                "move the data file next to the model and re-save it",
+            )
+        if target not in sizes:
+            if not target.is_file():
                 raise ModelLoadError(
-                    f"external data file {location!r} is too short for initializer "
-                    f"{value.name!r} (needs {end} bytes, has {sizes[target]})",
-                    "the data file is truncated; copy or re-export it",
+                    f"external data file {location!r} of {what} is missing (looked in {base})",
+                    "copy the data file next to the model",
                 )
+            sizes[target] = target.stat().st_size
+        offset = tensor.offset or 0
+        length = tensor.length if tensor.length is not None else tensor.nbytes
+        if offset < 0 or length < 0 or offset + length > sizes[target] or length < tensor.nbytes:
+            raise ModelLoadError(
+                f"external data file {location!r} does not hold {what} (needs bytes {offset}–{offset + length}"
+                f" of {tensor.nbytes} bytes of data, the file has {sizes[target]})",
+                "the data file is truncated or does not belong to this model; copy or re-export it",
+            )
+        if where is not None:
+            node, name, index = where
+            loaded = ir.tensor(tensor.numpy(), name=tensor.name)
+            attr = node.attributes[name]
+            if index is None:
+                node.attributes[name] = ir.AttrTensor(name, loaded)
+            else:
+                tensors = list(attr.value)
+                tensors[index] = loaded
+                node.attributes[name] = ir.AttrTensors(name, tensors)
 
 
 def external_data_files(model: ir.Model) -> set[Path]:
     """The resolved data files the model's external tensors read from."""
-    files: set[Path] = set()
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
-                files.add(Path(tensor.path).resolve())
-    return files
+    return {Path(t.path).resolve() for _, t, _ in _all_tensors(model) if isinstance(t, ir.ExternalTensor)}
 
 
 def model_nbytes(model: ir.Model) -> int:
@@ -143,12 +243,19 @@ def as_ir_model(model: ModelLike) -> ir.Model:
     if isinstance(model, (str, os.PathLike)):
         return load_model(model)
     if isinstance(model, onnx.ModelProto):
-        return ir.serde.deserialize_model(model)
+        # The IR wraps the proto's tensors in place: a copy keeps the caller's proto untouched.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        converted = ir.serde.deserialize_model(copy)
+        check_model(converted)
+        return converted
     if type(model).__module__.startswith("onnx_graphsurgeon"):
         import onnx_graphsurgeon as gs
 
         if isinstance(model, gs.Graph):
-            return ir.serde.deserialize_model(gs.export_onnx(model))
+            converted = ir.serde.deserialize_model(gs.export_onnx(model))
+            check_model(converted)
+            return converted
     raise TypeError(
         "expected a path, onnx.ModelProto, onnx_ir.Model or onnx_graphsurgeon.Graph, "
         f"got {type(model).__name__}"
@@ -161,29 +268,25 @@ def check_output_path(output: str | os.PathLike, *, inputs: set[Path] = frozense
     if out.suffix != ".onnx":
         raise OutputPathError(f"output {out} does not end in .onnx", "name the output file *.onnx")
     resolved = out.resolve()
-    data = resolved.with_name(resolved.name + ".data")
     for path in inputs:
-        if path.resolve() in (resolved, data):
+        if path.resolve() in (resolved, resolved.with_name(resolved.name + ".data")):
             raise OutputPathError(
                 f"output {out} would overwrite the input file {path}",
                 "choose another output path with -o",
             )
-    if out.is_dir():
-        raise OutputPathError(f"output {out} is a folder", "give a file name ending in .onnx")
-    parent = resolved.parent
-    if not parent.exists():
-        raise OutputPathError(f"output folder {parent} does not exist", "create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputPathError(f"output folder {parent} is not writable", "choose another -o path")
-    return out
+    # The data file adds ".<8 hex>.data" to the name.
+    return check_output_file(out, "output", reserve=len(".12345678.data"))
 
 
 class StagedModel:
     """A model written into a temporary folder beside its destination, not yet visible there
     (:class:`qeff.common.atomic.Staging`).
 
-    ``path`` is the staged model file (readable, e.g. by onnxruntime for verification);
-    ``commit()`` renames the data file and then the model into place; ``discard()`` removes
+    ``path`` is the staged model file (readable, e.g. by onnxruntime for verification; files
+    written beside it, such as a manifest, can be committed with it as ``companions``);
+    ``commit()`` moves the data file, the companions and then the model into place, the model's
+    rename being the only commit point: the data file's name is unique to this save, and the
+    data files of the model it replaces are removed afterwards. ``discard()`` removes
     everything. Used as a context manager, anything not committed is discarded.
     """
 
@@ -194,6 +297,7 @@ class StagedModel:
         *,
         external_data: bool | None = None,
         progress: bool = False,
+        protected: set[Path] = frozenset(),
     ) -> None:
         self.destination = Path(destination)
         if external_data is None:
@@ -201,7 +305,8 @@ class StagedModel:
                 model_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
             )
         self.external_data = external_data
-        self.data_name = self.destination.name + ".data"
+        self.data_name = unique_data_name(self.destination) if external_data else None
+        self.protected = set(protected)
         self._staging = Staging(self.destination)
         self.path = self._staging.path
         try:
@@ -213,11 +318,16 @@ class StagedModel:
             self.discard()
             raise
 
-    def commit(self) -> Path:
-        # Without a staged data file a stale one at the destination is removed: it would
-        # mislead readers.
-        self._staging.commit(companions=[self.data_name])
-        logger.info("saved %s (external data: %s)", self.destination, self.external_data)
+    @property
+    def data_path(self) -> Path | None:
+        return self.destination.with_name(self.data_name) if self.data_name else None
+
+    def commit(self, companions: Sequence[str] = ()) -> Path:
+        keep = self.protected | ({self.data_path} if self.data_path else set())
+        obsolete = replaced_data_files(self.destination, keep=keep)
+        self._staging.commit(companions=[*([self.data_name] if self.data_name else []), *companions],
+                             obsolete=obsolete)
+        logger.info("saved %s (external data: %s)", self.destination, self.data_name or "none")
         return self.destination
 
     def discard(self) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qeff.common.atomic import Staging
 from qeff.errors import QeffError
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -76,6 +77,11 @@ def plot_weight_errors(per_pass: Mapping[str, Mapping[str, Mapping[str, Any]]], 
     bottom.grid(True, alpha=0.3)
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    staging = Staging(path)  # a plot that fails half-way leaves no file, an older one intact
+    try:
+        figure.savefig(staging.path, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
+        staging.commit()
+    finally:
+        staging.discard()
+        plt.close(figure)
     return path

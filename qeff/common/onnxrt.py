@@ -24,8 +24,11 @@ def onnxruntime_session(model: str | os.PathLike | bytes, providers: Sequence[st
     """
     import onnxruntime as ort
 
+    # onnxruntime logs its own errors to stderr before raising them; the exception is reported
+    # (as one line), so its log stays quiet, the process-wide one included.
+    ort.set_default_logger_severity(4)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads is not None:

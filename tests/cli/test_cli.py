@@ -14,7 +14,7 @@ import pytest
 
 from qeff import cli
 from qeff.passes import as_ir_model, save_model
-from tests.graphs import set_external_location, mlp_model, parse, save
+from tests.graphs import data_file, mlp_model, parse, save, set_external_location
 
 
 def invoke(main, args, monkeypatch, capsys):
@@ -54,7 +54,7 @@ def _truncated(tmp_path):
 
 def _missing_data(tmp_path):
     p = _external(tmp_path)
-    (tmp_path / "m.onnx.data").unlink()
+    data_file(p).unlink()
     return p, ["--passes", "cleanup"]
 
 
