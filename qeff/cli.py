@@ -100,10 +100,12 @@ def _run_app(app: typer.Typer, program: str) -> None:
     """Invoke a typer app: a QeffError or a bad option is one line on stderr and exit code 2;
     an interrupt (Ctrl-C or SIGTERM) says whether anything was written."""
     from qeff import entry
+    from qeff.common.atomic import forget_published
 
     click = _click_exceptions()
     _State.program = program
     entry.install_handlers()  # also when called without the console script
+    forget_published()
 
     def interrupted() -> None:
         err_console.print(_interrupted_line(program), highlight=False, soft_wrap=True, markup=False)

@@ -283,19 +283,23 @@ def manifest_path(model_path: str | os.PathLike) -> Path:
 
 
 def read_manifest(model_path: str | os.PathLike) -> Manifest | None:
-    """The manifest beside ``model_path``; None when there is none or it is not one of ours.
-    A manifest of ours whose fields do not fit the schema raises :class:`ManifestError`."""
+    """The manifest beside ``model_path``; None when there is none. A file there that is not a
+    manifest, or whose fields do not fit the schema, raises :class:`ManifestError`."""
     path = manifest_path(model_path)
     if not path.is_file():
         return None
+    # A file at the manifest's name that is not a manifest is refused, not skipped: what it
+    # should have said (the KV layout, the compile defaults) would otherwise be silently lost.
+    hint = "delete or move it; the passes that wrote the model write a new one"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        logger.warning("ignoring unreadable manifest %s: %s", path, e)
-        return None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        logger.warning("ignoring %s: not a %s manifest", path, MANIFEST_FORMAT)
-        return None
+        raise ManifestError(f"the manifest {path.name} cannot be read as JSON: {str(e).splitlines()[0]}",
+                            hint) from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"the manifest {path.name} is a {type(data).__name__}, not an object", hint)
+    if data.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{path.name} is not a {MANIFEST_FORMAT} manifest (format {data.get('format')!r})", hint)
     try:
         return Manifest.from_dict(data, origin=path.name)
     except ValueError as e:

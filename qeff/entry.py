@@ -35,6 +35,8 @@ def _terminate(_signum: int, _frame: object) -> None:
 
 
 def install_handlers() -> None:
+    global received
+    received = None
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _terminate)
 

@@ -32,6 +32,25 @@ def _dim_value(dim: Any, dims: Mapping[str, int]) -> int:
     return DEFAULT_LENGTH
 
 
+# Generated inputs stay below this many bytes each: a declared dim of 2**62 is a broken model,
+# not a request for exabytes.
+MAX_INPUT_BYTES = 1 << 30
+
+
+def _check_size(name: str, shape: tuple[int, ...], itemsize: int) -> None:
+    if any(d < 0 for d in shape):
+        raise UnsupportedGraphError(f"input {name!r} declares a negative dimension {shape}",
+                                    "fix the input's shape in the model")
+    size = itemsize
+    for d in shape:
+        size *= d
+    if size > MAX_INPUT_BYTES:
+        raise UnsupportedGraphError(
+            f"input {name!r} declares shape {list(shape)} ({size:.3g} bytes); sample data for it would "
+            f"exceed {MAX_INPUT_BYTES >> 20} MiB",
+            "bind its dims to realistic sizes (e.g. the fixed pass) or leave out --verify")
+
+
 def vocab_size(graph: ir.Graph, value: ir.Value) -> int | None:
     """The row count of the embedding table this ids input indexes, if it feeds a Gather."""
     for node, index in value.uses():
@@ -63,6 +82,7 @@ def sample_inputs(
             )
         shape = tuple(_dim_value(d, dims) for d in value.shape)
         np_dtype = value.dtype.numpy()
+        _check_size(name=value.name, shape=shape, itemsize=np.dtype(np_dtype).itemsize)
         name = value.name
         is_int = np.issubdtype(np_dtype, np.integer)
         if is_int and name.endswith(INPUT_IDS):

@@ -18,7 +18,7 @@ Rules:
 
 from __future__ import annotations
 
-__all__ = ["Staging", "write_text_atomic", "signals_deferred", "published", "unique_data_name",
+__all__ = ["Staging", "write_text_atomic", "signals_deferred", "published", "forget_published", "unique_data_name",
            "remove_stale_staging", "STAGING_PREFIX"]
 
 import contextlib
@@ -42,7 +42,8 @@ _STALE = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-")
 # reports as written.
 _PUBLISHED: list[Path] = []
 
-# Called with a step name ("start", "companions") inside a commit, with signals deferred.
+# Called with a step name: "before" a commit, then "start" and "companions" inside it, with
+# signals deferred.
 # Tests use it to interrupt a commit at a known point; nothing else sets it.
 commit_hook: Callable[[str], None] | None = None
 
@@ -50,6 +51,17 @@ commit_hook: Callable[[str], None] | None = None
 def published() -> list[Path]:
     """Paths this process has put into place so far."""
     return list(_PUBLISHED)
+
+
+def forget_published() -> None:
+    """Start a new command: nothing it wrote yet."""
+    _PUBLISHED.clear()
+
+
+def _publish(path: Path) -> None:
+    # A file moved inside a staging folder is not visible yet: it is published with the folder.
+    if not path.resolve().parent.name.startswith(STAGING_PREFIX):
+        _PUBLISHED.append(path)
 
 
 def unique_data_name(destination: str | os.PathLike) -> str:
@@ -136,6 +148,7 @@ class Staging:
         """Move ``companions`` (file names in the folder), then the main file, into place; then
         remove ``obsolete`` (files the previous output used and the new one does not).
         Returns the destination."""
+        _step("before")  # an interrupt here: nothing moved, the old output stays
         try:
             with signals_deferred():
                 _step("start")
@@ -152,7 +165,7 @@ class Staging:
                     for path in moved:  # without the new main file they belong to nothing
                         path.unlink(missing_ok=True)
                     raise
-                _PUBLISHED.append(self.destination)
+                _publish(self.destination)
                 for path in obsolete:
                     Path(path).unlink(missing_ok=True)
         finally:
@@ -178,7 +191,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
         with signals_deferred():
             os.replace(tmp, path)
-            _PUBLISHED.append(path)
+            _publish(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
