@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -344,8 +345,9 @@ def _remove(*paths: Path) -> None:
 
 
 def _prepare(*paths: Path) -> None:
-    """Untimed: remove the previous outputs and flush dirty pages so runs start alike."""
-    _remove(*paths)
+    """Untimed: remove the previous outputs (a model's data files too, whatever their save
+    named them) and flush dirty pages so runs start alike."""
+    _remove(*paths, *(d for p in paths for d in p.parent.glob(p.name + ".*.data")))
     os.sync()
 
 
@@ -442,11 +444,13 @@ def verify_output(gen: GeneratedModel, output: Path) -> dict[str, Any]:
             problems.append(f"external initializer {name}: {got and got[:3]} != {(dtype, shape, nbytes)}")
     if set(ext_out) - set(ext_in):
         problems.append(f"new external initializers {sorted(set(ext_out) - set(ext_in))[:5]}")
-    bad_locations = {loc for *_, loc in ext_out.values() if loc != DATA_NAME}
-    if bad_locations:
-        problems.append(f"output external data at {sorted(bad_locations)}, expected {DATA_NAME}")
+    # Each save names its data file model.onnx.<8 hex>.data: one file, beside the model.
+    locations = {loc for *_, loc in ext_out.values()}
+    if len(locations) != 1 or not re.fullmatch(re.escape(MODEL_NAME) + r"\.[0-9a-f]{8}\.data", next(iter(locations))):
+        problems.append(f"output external data at {sorted(locations)}, expected one {MODEL_NAME}.<8 hex>.data")
+        raise RuntimeError("qeff-opt output check failed:\n  " + "\n  ".join(problems))
     size_in = gen.data_path.stat().st_size
-    size_out = (output.parent / DATA_NAME).stat().st_size
+    size_out = (output.parent / next(iter(locations))).stat().st_size
     if size_in != size_out:
         problems.append(f"data file size {size_in} -> {size_out}")
     ext_bytes = sum(x[2] for x in ext_out.values())
@@ -521,7 +525,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         copy_outputs = [copy_dir / MODEL_NAME, copy_dir / DATA_NAME]
         out_model = out_dir / MODEL_NAME
-        qeff_outputs = [out_model, out_dir / DATA_NAME, out_dir / "model.qeff.json"]
+        qeff_outputs = [out_model, out_dir / "model.qeff.json"]
         _prepare(*copy_outputs)
         copy_model(model_dir, copy_dir)  # untimed: warms the page cache
         copy_runs, qeff_runs, rss_runs = [], [], []

@@ -9,16 +9,20 @@
   with continuous batching (a ``batch_index`` input), through ``full_batch_size`` cache rows:
   a queue of prompts larger than that is served slot by slot, each new prompt prefilled into the
   row a finished one left.
+- Refused before the first call: a prefill length below 1 or above the cache's ``ctx_len``, a
+  token id that is negative, beyond int64 or outside the vocabulary (when the model says how
+  large it is), and a prompt or a generation that does not fit ``ctx_len``.
 - Stats: time to first token (the first prefill), decode tokens/s, total tokens/s, end-to-end.
 """
 
 from __future__ import annotations
 
-__all__ = ["GenerationResult", "GenerationStats", "generate", "Sampler", "context_length"]
+__all__ = ["GenerationResult", "GenerationStats", "generate", "Sampler", "context_length", "vocab_size"]
 
 import collections
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 
@@ -61,13 +65,38 @@ class GenerationResult:
     logits: list[list[np.ndarray]] | None = None
 
 
+def _number(value: object, what: str, example: str) -> float:
+    """``value`` as a float; a QeffError naming ``what`` when it is not a real number."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise QeffError(f"{what}={value!r} is not a number", example)
+
+
+def _integer(value: object, what: str, example: str) -> int:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise QeffError(f"{what}={value!r} is not a whole number", example)
+
+
 class Sampler:
     """Greedy when ``temperature`` is 0, else softmax sampling with top-k and top-p filtering."""
 
     def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> None:
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise QeffError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0",
-                            "e.g. temperature=0.8, top_k=50, top_p=0.95")
+        example = "e.g. temperature=0.8, top_k=50, top_p=0.95"
+        temperature = _number(temperature, "temperature", example)
+        top_p = _number(top_p, "top_p", example)
+        top_k = _integer(top_k, "top_k", example)
+        # NaN compares false with everything, so each bound is written to fail on it.
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise QeffError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy)", example)
+        if not 0 < top_p <= 1:
+            raise QeffError(f"top_p={top_p} must be above 0 and at most 1", example)
+        if top_k < 0:
+            raise QeffError(f"top_k={top_k} must be >= 0 (0 keeps every token)", example)
+        if seed is not None:
+            seed = _integer(seed, "seed", "give a whole number >= 0, or no seed")
+            if seed < 0:  # numpy refuses negative seeds with its own error
+                raise QeffError(f"seed={seed} is negative", "give a whole number >= 0, or no seed")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.rng = np.random.default_rng(seed)
 
@@ -95,17 +124,30 @@ def _static_dim(session: Session, name: str, axis: int) -> int | None:
     return dims[axis] if len(dims) > axis and isinstance(dims[axis], int) else None
 
 
-def _prefill_len(session: Session, requested: int | None) -> int:
+def _prefill_len(session: Session, requested: int | None, ctx: int | None) -> int:
+    """The prefill chunk: the model's fixed sequence length, the one requested, the compiled
+    one, else 32 (at most ``ctx``). Refused when it is below 1 or above the cache's ``ctx``."""
+    if requested is not None:
+        requested = _integer(requested, "prefill_len", "e.g. prefill_len=32")
+        if requested < 1:
+            raise QeffError(f"prefill length {requested} must be at least 1", "e.g. prefill_len=32, or leave it out")
     static = _static_dim(session, INPUT_IDS, 1)
     if static is not None:  # a model bound to one sequence length takes every call at it
-        if requested and requested != static:
+        if requested is not None and requested != static:
             raise QeffError(f"the model's sequence length is fixed at {static}; prefill_len={requested} cannot feed it",
                             f"use prefill_len={static} or leave it out")
-        return static
-    if requested:
-        return requested
-    lengths = [s.get(SEQ_LEN) for s in session.specializations if s.get(SEQ_LEN)]
-    return max(lengths) if lengths else 32
+        chunk = static
+    elif requested is not None:
+        chunk = requested
+    else:
+        lengths = [s.get(SEQ_LEN) for s in session.specializations if s.get(SEQ_LEN)]
+        chunk = max(lengths) if lengths else (min(32, ctx) if ctx else 32)
+    # A chunk wider than the cache cannot be filled by one prompt (prompts are refused above
+    # ctx_len), and its pads would share slots with the valid tokens.
+    if ctx is not None and chunk > ctx:
+        raise QeffError(f"prefill length {chunk} is above ctx_len {ctx}",
+                        f"use a prefill length of at most {ctx}, or a model built with a larger ctx_len")
+    return chunk
 
 
 def context_length(session: Session) -> int | None:
@@ -120,8 +162,43 @@ def context_length(session: Session) -> int | None:
     return max(sizes) if sizes else None
 
 
-def _check_fits(session: Session, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    ctx = context_length(session)
+def vocab_size(session: Session) -> int | None:
+    """The number of token ids the model takes, when it is known: the session's
+    ``vocab_size``, else the static last dim of the logits output."""
+    size = getattr(session, "vocab_size", None)
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > 0:
+        return int(size)
+    if LOGITS not in {o.name for o in session.outputs}:
+        return None
+    dims = session.spec(LOGITS).shape
+    return dims[-1] if dims and isinstance(dims[-1], int) and dims[-1] > 0 else None
+
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _check_token_ids(prompts: Sequence[Sequence[int]], vocab: int | None) -> None:
+    """Every prompt token is an integer id the model has; the error names the first bad one."""
+    top = vocab - 1 if vocab else _INT64_MAX
+    for index, prompt in enumerate(prompts):
+        for place, token in enumerate(prompt):
+            if not isinstance(token, numbers.Integral) or isinstance(token, bool):
+                raise QeffError(f"prompt {index} has {token!r} at position {place}, which is not a token id",
+                                "token ids are whole numbers")
+            if not 0 <= token <= top:
+                if token < 0:
+                    why = "token ids are >= 0"
+                elif vocab and token >= vocab:
+                    why = f"the model's vocabulary has {vocab} ids (0..{vocab - 1})"
+                else:
+                    why = "it does not fit in int64"
+                raise QeffError(f"prompt {index} has token id {int(token)} at position {place}: {why}",
+                                "check the ids, or the tokenizer that produced them")
+
+
+def _check_fits(session: Session, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                ctx: int | None = None) -> None:
+    ctx = context_length(session) if ctx is None else ctx
     if ctx is None:
         return
     longest = max(len(p) for p in prompts)
@@ -139,18 +216,22 @@ def generate(session: Session, prompts: Sequence[Sequence[int]], max_new_tokens:
              stream: Callable[[int, int], None] | None = None, reset: bool = True,
              keep_logits: bool = False) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens for each prompt (see the module docstring)."""
+    # Everything a caller can get wrong is refused here, before the first call to the model.
     if not prompts or any(len(p) == 0 for p in prompts):
         raise QeffError("generate needs at least one prompt, each with at least one token")
+    max_new_tokens = _integer(max_new_tokens, "max_new_tokens", "e.g. max_new_tokens=32")
     if max_new_tokens < 1:
-        raise QeffError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        raise QeffError(f"max_new_tokens={max_new_tokens} must be at least 1", "e.g. max_new_tokens=32")
     names = set(session.input_names)
     if not {INPUT_IDS, POSITION_IDS} <= names or not session.retained:
         raise QeffError("generate needs a KV-cache model (input_ids, position_ids, past_* inputs)",
                         "rewrite the model with qeff-opt --passes kv")
+    _check_token_ids(prompts, vocab_size(session))
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     sampler = Sampler(temperature, top_k, top_p, seed)
-    chunk = _prefill_len(session, prefill_len)
-    _check_fits(session, prompts, max_new_tokens)
+    ctx = context_length(session)
+    chunk = _prefill_len(session, prefill_len, ctx)
+    _check_fits(session, prompts, max_new_tokens, ctx)
     if reset:
         session.reset()
     run = _Runner(session, chunk, sampler, eos, max_new_tokens, stream, keep_logits)

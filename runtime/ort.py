@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from qeff.common.onnxrt import onnxruntime_session
-from qeff.contract import CTX_LEN, FULL_BATCH_SIZE, read_manifest
+from qeff.contract import CTX_LEN, FULL_BATCH_SIZE, INPUT_IDS, LOGITS, read_manifest
 from qeff.errors import QeffError
 from qeff.runtime.session import Session, TensorSpec
 
@@ -40,6 +40,39 @@ def _specs(args: Sequence[Any]) -> list[TensorSpec]:
     return specs
 
 
+_MAX_SIZE = 2**31 - 1  # beyond this no cache dim is allocatable, and the compilers take int32 sizes
+
+
+def _size_option(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise QeffError(f"{name}={value!r} is not a whole number", f"e.g. {name}=128")
+    if not 1 <= value <= _MAX_SIZE:
+        raise QeffError(f"{name}={int(value)} is out of range", f"give {name} between 1 and {_MAX_SIZE}")
+    return int(value)
+
+
+def _embedding_rows(model: str | os.PathLike | bytes) -> int | None:
+    """Rows of the initializer a ``Gather`` on ``input_ids`` reads (the token embedding), or
+    None when the graph has no such table. Weights stored outside the file are not read."""
+    import onnx
+
+    try:
+        proto = (onnx.load_from_string(model) if isinstance(model, bytes)
+                 else onnx.load(os.fspath(model), load_external_data=False))
+    except Exception:  # the session loaded it already; a lookup that fails only loses the check
+        return None
+    tables = {t.name: list(t.dims) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == INPUT_IDS and axis == 0:
+            dims = tables.get(node.input[0])
+            if dims and dims[0] > 0:
+                return int(dims[0])
+    return None
+
+
 class OrtSession(Session):
     """``OrtSession(model, ctx_len=None, full_batch_size=None, providers=None)``.
 
@@ -52,6 +85,10 @@ class OrtSession(Session):
                  full_batch_size: int | None = None, providers: Sequence[str] | None = None) -> None:
         import onnxruntime as ort
 
+        # Checked before the model loads: a bad size would otherwise surface only at the first
+        # run, as an allocation failure or an onnxruntime error.
+        ctx_len = _size_option(ctx_len, "ctx_len")
+        full_batch_size = _size_option(full_batch_size, "full_batch_size")
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self._session = onnxruntime_session(model if isinstance(model, bytes) else os.fspath(model), list(providers),
@@ -65,13 +102,31 @@ class OrtSession(Session):
         except ValueError as e:
             raise QeffError(f"the manifest beside the model is not valid: {e}",
                             "re-run qeff-opt to write it again, or delete it") from None
-        self.ctx_len = ctx_len or (manifest.ctx_len if manifest else None)
-        self.full_batch_size = full_batch_size or (manifest.full_batch_size if manifest else None)
+        # The vocabulary, when the logits leave it symbolic, is looked up in the model on first
+        # use (False: not yet); serialized bytes are read now rather than kept alive.
+        self._source = None if isinstance(model, bytes) else model
+        self._vocab_size: int | None | bool = False
+        if isinstance(model, bytes) and super().vocab_size is None and LOGITS in self.output_names:
+            self._vocab_size = _embedding_rows(model)
+        self.ctx_len = ctx_len if ctx_len is not None else (manifest.ctx_len if manifest else None)
+        self.full_batch_size = full_batch_size if full_batch_size is not None else (
+            manifest.full_batch_size if manifest else None)
         self._state: dict[str, Any] = {}  # past input -> OrtValue read by the next call
         self._spare: dict[str, Any] = {}  # past input -> OrtValue the next call writes
         self._rows: int | None = None
         self.kv_bytes_copied = 0
         self._closed = False
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The static last dim of ``logits``; when the model leaves it symbolic, the rows of
+        the embedding table ``input_ids`` indexes (looked up once, on first use)."""
+        size = super().vocab_size
+        if size is not None:
+            return size
+        if self._vocab_size is False:
+            self._vocab_size = _embedding_rows(self._source) if self._source is not None else None
+        return self._vocab_size
 
     # -- state ------------------------------------------------------------------------------
 

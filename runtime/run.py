@@ -49,11 +49,27 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
                         "the folder needs tokenizer.json (or the files of a slow tokenizer)") from None
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def parse_input_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise QeffError(f"--input-ids {text!r} is not a list of integers", "e.g. --input-ids 5,9,3") from None
+    """Token ids from ``5,9,3`` (commas and/or spaces): whole numbers from 0 to int64's max."""
+    ids = []
+    for item in text.replace(",", " ").split():
+        # Digits only: int() would also take "+5", "5_000" or non-ASCII digits.
+        if item.startswith("-") and item[1:].isascii() and item[1:].isdigit():
+            raise QeffError(f"--input-ids {text!r} has a negative id {item}; token ids are >= 0",
+                            "e.g. --input-ids 5,9,3")
+        if not (item.isascii() and item.isdigit()):
+            raise QeffError(f"--input-ids {text!r} is not a list of integers: {item!r} is not a whole number",
+                            "e.g. --input-ids 5,9,3")
+        # Checked by length first: int() refuses strings of more than 4300 digits.
+        value = int(item) if len(item.lstrip("0")) <= 19 else _INT64_MAX + 1
+        if value > _INT64_MAX:
+            shown = item if len(item) <= 40 else f"{item[:20]}…({len(item)} digits)"
+            raise QeffError(f"--input-ids has id {shown}, beyond the largest int64 ({_INT64_MAX})",
+                            "check the ids, e.g. --input-ids 5,9,3")
+        ids.append(value)
     if not ids:
         raise QeffError("--input-ids is empty", "e.g. --input-ids 5,9,3")
     return ids
@@ -107,7 +123,14 @@ def read_prompts(prompts: list[str] | None, text_file: str | os.PathLike | None)
     path = Path(text_file)
     if not path.is_file():
         raise QeffError(f"--text-file {path} does not exist", "give a file with one input per line")
-    return [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")  # not the locale's encoding: the same file reads the same everywhere
+    except UnicodeDecodeError as e:
+        raise QeffError(f"--text-file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})",
+                        "save the file as UTF-8") from None
+    except OSError as e:
+        raise QeffError(f"--text-file {path} cannot be read: {e.strerror or e}", "check its permissions") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def encode_prompts(texts: list[str], input_ids: list[str] | None, tokenizer: Any, *,

@@ -69,6 +69,14 @@ class Session(abc.ABC):
         kept = set(self.retained.values())
         return [o.name for o in self.outputs if o.name not in kept]
 
+    @property
+    def vocab_size(self) -> int | None:
+        """How many token ids the model takes: the static last dim of ``logits``, if any."""
+        for o in self.outputs:
+            if o.name == contract.LOGITS and o.shape and isinstance(o.shape[-1], int) and o.shape[-1] > 0:
+                return o.shape[-1]
+        return None
+
     def spec(self, name: str) -> TensorSpec:
         for s in (*self.inputs, *self.outputs):
             if s.name == name:

@@ -14,6 +14,8 @@ __all__ = ["BenchRow", "bench_model", "encoder_feeds"]
 
 import concurrent.futures
 import dataclasses
+import math
+import numbers
 import os
 import threading
 import time
@@ -60,14 +62,31 @@ def _sessions(model: Path, count: int):
     return [onnxruntime_session(model, purpose=" for qeff bench", threads=threads) for _ in range(count)]
 
 
+def _is_whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_counts(values: Sequence[int], what: str, example: str) -> None:
+    if not values:
+        raise QeffError(f"no {what} given", f"e.g. {example}")
+    for v in values:
+        if not _is_whole(v) or v < 1:
+            raise QeffError(f"{what} {v!r} must be a whole number >= 1", f"e.g. {example}")
+
+
 def bench_model(model: str | os.PathLike, batch_sizes: Sequence[int], instances: Sequence[int], *,
                 seq_len: int = 128, duration: float = 2.0) -> list[BenchRow]:
+    _check_counts(batch_sizes, "batch size", "--batch-size 1,4,8")
+    _check_counts(instances, "instance count", "--instances 1,2")
+    if not _is_whole(seq_len) or seq_len < 1:
+        raise QeffError(f"seq_len {seq_len!r} must be a whole number >= 1", "e.g. --seq-len 128")
+    # NaN fails every comparison and an infinite duration never stops, so both are named here.
+    if isinstance(duration, bool) or not isinstance(duration, numbers.Real) or not math.isfinite(duration) \
+            or duration <= 0:
+        raise QeffError(f"duration {duration!r} must be a finite number of seconds above 0", "e.g. --duration 2")
     path = Path(model)
     if not path.is_file():
         raise QeffError(f"model {path} does not exist", "give an .onnx file")
-    if any(b < 1 for b in batch_sizes) or any(n < 1 for n in instances) or duration <= 0:
-        raise QeffError("batch sizes and instances must be at least 1 and the duration positive",
-                        "e.g. --batch-size 1,4,8 --instances 1,2")
     rows = []
     for n in instances:
         sessions = _sessions(path, n)

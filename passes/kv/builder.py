@@ -7,11 +7,14 @@ reused by every layer; only the cache input/output of a layer is per layer.
 Design points (why the graph looks the way it does):
 - The cache is ``[batch, n_kv, ctx_len, head_dim]`` with ``ctx_len`` read from the cache
   input's shape, so one graph serves every context length the compiler specializes.
-- A valid token writes its K/V to slot ``position_id``. A pad (``position_id < 0``) writes the
-  slot's *old* value to the slot after its row's last valid position (mod ``ctx_len``): every
-  scatter index stays in range (onnxruntime rejects out-of-range indices), no valid token of
-  the row targets that slot, and several pads of one row writing the same old value to the
-  same slot leave the cache unchanged whatever order the device applies them in.
+- A valid token writes its K/V to slot ``position_id``. A pad (``position_id < 0``) writes,
+  to the slot of its row's last valid token (the highest position, the token ``last_index``
+  picks), exactly the K/V that token writes there; a row with no valid token writes the old
+  value of slot 0 back to slot 0. ScatterND leaves the order of writes to one slot undefined,
+  and these duplicates are identical, so the result is the same in any order, even when the
+  valid tokens of one call fill every slot (a pad aimed at any other slot would then collide
+  with a different valid write). Every index stays in range (onnxruntime rejects
+  out-of-range ones) and the per-layer cost is two gathers of ``[b, n_kv, 1, d]``.
 - Slot ``c`` is visible to a query at position ``p`` iff ``c <= p`` (and ``c > p - window``
   with a sliding window). Masking is a select (``Where``), not an addition, so a row with
   nothing visible gets a uniform softmax instead of NaN.
@@ -56,12 +59,16 @@ class KVGraphBuilder(GraphBuilder):
             visible = self.op("And", [visible, self.op("Greater", [c4, lowest])], what="visible_window")
         self.visible = visible
 
-        # Scatter slots [b, S]: valid tokens at their position, pads at (last valid + 1) % ctx.
-        is_pad = self.op("Less", [pos, self.const(np.int64(0))], what="is_pad")
+        # Scatter slots [b, S]: valid tokens at their position, pads at their row's last valid
+        # position, or at slot 0 when the row has none (the max position is then negative).
+        zero = self.const(np.int64(0))
+        is_pad = self.op("Less", [pos, zero], what="is_pad")
         last = self.reduce_max(pos, 1)  # [b, 1]
-        pad_slot = self.op("Mod", [self.op("Add", [last, self.const(np.int64(1))]), ctx], what="pad_slot")
+        pad_slot = self.op("Max", [last, zero], what="pad_slot")
         self.slot = self.op("Where", [is_pad, pad_slot, pos], what="slot")
         self.is_pad4 = self.unsqueeze(is_pad, 1, 3)  # [b, 1, S, 1]
+        self.has_valid4 = self.unsqueeze(self.op("GreaterOrEqual", [last, zero], what="has_valid"), 2, 3)  # [b,1,1,1]
+        self.continuous = batch_index is not None
 
         # Cache row of each batch entry [b, 1]: batch_index, else 0..b-1.
         if batch_index is not None:
@@ -73,8 +80,12 @@ class KVGraphBuilder(GraphBuilder):
             self.rows = self.unsqueeze(self.rows_flat, 1)
         self._indices: dict[int, ir.Value] = {}
 
-        # Index of each row's last valid token [b, 1, 1] for GatherND(batch_dims=1).
-        self.last_index = self.unsqueeze(self.op("ArgMax", [pos], {"axis": 1, "keepdims": 1}, "last_token"), 2)
+        # Index of each row's last valid token [b, 1, 1] for GatherND(batch_dims=1). ArgMax
+        # takes the first maximum, the same token whose K/V the row's pads copy.
+        last_token = self.op("ArgMax", [pos], {"axis": 1, "keepdims": 1}, "last_token")  # [b, 1]
+        self.last_index = self.unsqueeze(last_token, 2)
+        self._last_index4 = self.unsqueeze(last_token, 2, 3)  # [b, 1, 1, 1]
+        self._last_new_indices: dict[int, ir.Value] = {}
 
     def indices(self, n_kv: int) -> ir.Value:
         """ScatterND/GatherND indices [b, n_kv, S, 3] = (cache row, head, slot)."""
@@ -87,6 +98,13 @@ class KVGraphBuilder(GraphBuilder):
             self._indices[n_kv] = self.op("Concat", parts, {"axis": 3}, f"indices_h{n_kv}")
         return self._indices[n_kv]
 
+    def last_new_indices(self, n_kv: int) -> ir.Value:
+        """GatherND(batch_dims=2) indices [b, n_kv, 1, 1]: each row's last valid token."""
+        if n_kv not in self._last_new_indices:
+            self._last_new_indices[n_kv] = self.op("Expand", [self._last_index4, self.i64(1, n_kv, 1, 1)],
+                                                   what=f"last_token_h{n_kv}")
+        return self._last_new_indices[n_kv]
+
     # -- per layer -------------------------------------------------------------------------
     def to_bhsd(self, x: ir.Value, layout: str, n_kv: int, head_dim: int) -> ir.Value:
         if layout == "bhsd":
@@ -96,12 +114,17 @@ class KVGraphBuilder(GraphBuilder):
         return self.op("Transpose", [x], {"perm": [0, 2, 1, 3]})
 
     def write_cache(self, past: ir.Value, new: ir.Value, n_kv: int, retained_name: str) -> ir.Value:
-        """ScatterND of ``new`` [b, n_kv, S, d] into ``past``; pads write back the old value."""
+        """ScatterND of ``new`` [b, n_kv, S, d] into ``past``; a pad repeats its row's last
+        valid write, or writes slot 0's old value back when the row has no valid token."""
         idx = self.indices(n_kv)
         if new.dtype is not None and past.dtype is not None and new.dtype != past.dtype:
             new = self.op("Cast", [new], {"to": past.dtype})
-        old = self.op("GatherND", [past, idx], what="old_slots")
-        update = self.op("Where", [self.is_pad4, old, new], what="update")
+        last_new = self.op("GatherND", [new, self.last_new_indices(n_kv)], {"batch_dims": 2}, "last_new")  # [b,h,1,d]
+        old0 = self.op("Slice", [past, self.i64(0), self.i64(1), self.i64(2)], what="old_slot0")  # [rows,h,1,d]
+        if self.continuous:
+            old0 = self.op("Gather", [old0, self.rows_flat], {"axis": 0}, "old_slot0_rows")  # [b,h,1,d]
+        pad_value = self.op("Where", [self.has_valid4, last_new, old0], what="pad_value")
+        update = self.op("Where", [self.is_pad4, pad_value, new], what="update")
         retained = self.tape.op("ScatterND", [past, idx, update], name=self._name("cache_write"))
         retained.name = retained_name
         retained.dtype = past.dtype
