@@ -11,8 +11,8 @@ Rules:
 - SIGINT and SIGTERM arriving during a commit are held until it is over
   (:func:`signals_deferred`), so an interrupted run has either written everything or nothing;
   :func:`published` says which, for the "interrupted" message.
-- Staging folders and temporary files carry the writer's process id; one left by a killed run
-  is removed by the next writer in that folder.
+- Staging folders and temporary files carry the writer's host and process id; one left by a
+  killed run on this host is removed by the next writer in that folder.
 - :func:`write_text_atomic` writes one small text file through a uniquely named temporary file.
 """
 
@@ -28,6 +28,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,7 +37,10 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".qeff-staging-"
-_STALE = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-")
+# The host is part of the name: on a folder shared between machines, only this machine can tell
+# whether the writer of an entry is gone.
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+_STALE = re.compile(re.escape(STAGING_PREFIX + _HOST) + r"-(\d+)-")
 
 # Paths published (renamed into place) by this process, in order: what an interrupted command
 # reports as written.
@@ -103,7 +107,7 @@ def remove_stale_staging(folder: str | os.PathLike) -> list[Path]:
 
 
 def _staging_prefix() -> str:
-    return f"{STAGING_PREFIX}{os.getpid()}-"
+    return f"{STAGING_PREFIX}{_HOST}-{os.getpid()}-"
 
 
 @contextlib.contextmanager

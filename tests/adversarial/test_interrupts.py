@@ -92,13 +92,17 @@ def test_interrupt_inside_the_commit_finishes_it(signum, code, word, tmp_path, m
 def test_staging_left_by_a_killed_run_is_removed(tmp_path, monkeypatch, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has exited
-    stale = tmp_path / f"{atomic.STAGING_PREFIX}{pid}-abc.tmp"
+    prefix = f"{atomic.STAGING_PREFIX}{atomic._HOST}-{pid}-"
+    stale = tmp_path / f"{prefix}abc.tmp"
     stale.mkdir()
     (stale / "o.onnx").write_bytes(b"half a model")
-    stale_file = tmp_path / f"{atomic.STAGING_PREFIX}{pid}-def.tmp"
+    stale_file = tmp_path / f"{prefix}def.tmp"
+    elsewhere = tmp_path / f"{atomic.STAGING_PREFIX}otherhost-{pid}-ghi.tmp"  # another machine's: kept
+    elsewhere.mkdir()
     stale_file.write_text("half a manifest")
     _first_output(tmp_path, monkeypatch, capsys)
     assert not stale.exists() and not stale_file.exists()
+    assert elsewhere.exists()
 
 
 def test_two_runs_writing_one_output_leave_a_consistent_pair(tmp_path):
