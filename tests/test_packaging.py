@@ -29,7 +29,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_maps_stage_folders_into_qeff(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in (
-        "qeff/__init__.py", "qeff/cli.py", "qeff/errors.py",
+        "qeff/__init__.py", "qeff/entry.py", "qeff/cli.py", "qeff/errors.py",
         "qeff/frontend/export.py", "qeff/passes/cleanup.py", "qeff/passes/fold.py",
         "qeff/backend_aic/__init__.py", "qeff/runtime/__init__.py",
     ):
@@ -37,7 +37,7 @@ def test_wheel_maps_stage_folders_into_qeff(wheel):
     assert not any(n.startswith(("tests/", "bench/", "passes/", "frontend/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "qeff-opt = qeff.cli:opt_main" in text and "qeff = qeff.cli:main" in text
+    assert "qeff-opt = qeff.entry:opt_main" in text and "qeff = qeff.entry:main" in text
 
 
 def test_wheel_install_imports_and_runs(wheel, tmp_path):
@@ -52,7 +52,7 @@ def test_wheel_install_imports_and_runs(wheel, tmp_path):
         "import qeff, qeff.passes, qeff.frontend, qeff.backend_aic, qeff.runtime;"
         "assert qeff.__file__.startswith(%r), qeff.__file__;"
         "assert qeff.passes.__file__.startswith(%r);"
-        "from qeff.cli import opt_main; import sys; sys.argv=['qeff-opt','--list-passes']; opt_main()"
+        "from qeff.entry import opt_main; import sys; sys.argv=['qeff-opt','--list-passes']; opt_main()"
     ) % (str(target), str(target))
     env = dict(os.environ, PYTHONPATH=str(target))
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
