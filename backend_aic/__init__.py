@@ -5,6 +5,10 @@
 manifest names one), the exact command (``command.txt``) and the parameters with their hash
 (``qeff-compile.json``), then runs ``qaic-compile`` (or the older ``qaic-exec``) into
 ``folder/qpc`` with its output in ``compile.log``. ``dry_run`` stops before running it.
+
+Options and the manifest are checked before anything is written (a refusal leaves no compile
+folder behind); a file the manifest names must be a regular file in the model's own folder. The
+compiler runs in a process group of its own, which a timeout or an interrupt stops as a whole.
 """
 
 from qeff.backend_aic.compile import QPC_MARKER, CompileResult, compile_model

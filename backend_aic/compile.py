@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ from qeff.backend_aic.files import (
     specializations,
     specializations_json,
 )
-from qeff.backend_aic.model_info import read_model_info
-from qeff.backend_aic.options import CompileOptions, ResolvedOptions, resolve_options
+from qeff.backend_aic.model_info import read_file_beside_model, read_model_info
+from qeff.backend_aic.options import CompileOptions, ResolvedOptions, check_options, resolve_options
 from qeff.contract import (
     COMMAND_NAME,
     CUSTOM_IO_NAME,
@@ -60,15 +61,35 @@ class CompileResult:
         return shlex.join(self.command)
 
 
-def _prepare_folder(folder: Path) -> None:
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of ``folder`` and its parents that does not exist yet (None: it exists)."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if os.path.lexists(path):
+            break
+        missing = path
+    return missing
+
+
+def _remove_created(created: Path | None) -> None:
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+
+
+def _prepare_folder(folder: Path) -> Path | None:
+    """Create the compile folder (and the parents it needs) and check it can be written; returns
+    the outermost folder created, so a refusal before the compiler starts can take it back."""
+    created = _first_missing(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".qeff-write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
+        _remove_created(created)
         raise QeffError(f"cannot write the compile folder {folder}: {e.strerror or e}",
                         "choose a folder you can write with -o") from None
+    return created
 
 
 def _model_identity(path: Path) -> dict[str, Any]:
@@ -77,8 +98,9 @@ def _model_identity(path: Path) -> dict[str, Any]:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()}
 
 
-def _write_files(folder: Path, info: Any, o: ResolvedOptions) -> tuple[dict[str, str], dict[str, str]]:
-    """Write the compiler's input files; returns (kind -> file name, file name -> text)."""
+def _compose_files(info: Any, o: ResolvedOptions) -> tuple[dict[str, str], dict[str, str]]:
+    """The compiler's input files, not yet written: (kind -> file name, file name -> text).
+    Everything that can refuse the compile happens here, before the compile folder is touched."""
     names: dict[str, str] = {}
     texts: dict[str, str] = {}
     specs = specializations(info, o)
@@ -92,13 +114,9 @@ def _write_files(folder: Path, info: Any, o: ResolvedOptions) -> tuple[dict[str,
         names["mdp"] = mdp_name(len(o.devices))
         texts[names["mdp"]] = mdp_json(len(o.devices), o.num_cores)
     if o.node_precision_info is not None:
-        if not o.node_precision_info.is_file():
-            raise QeffError(f"the manifest names {o.node_precision_info.name}, which does not exist",
-                            "re-run the fp16clip pass, or remove node_precision_info from the manifest")
         names["node_precision_info"] = "node_precision_info.yaml"
-        texts["node_precision_info.yaml"] = o.node_precision_info.read_text()
-    for name, text in texts.items():
-        (folder / name).write_text(text)
+        texts["node_precision_info.yaml"] = read_file_beside_model(info.path, "node_precision_info",
+                                                                   o.node_precision_info)
     return names, texts
 
 
@@ -107,36 +125,48 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, options: 
     """Write the compile folder for ``model`` and (unless a dry run) compile it into ``output/qpc``.
 
     An identical compile (same parameters hash, ``qpc/programqpc.bin`` present) is skipped; a
-    ``qpc/`` without ``programqpc.bin`` is a failed compile and is redone.
+    ``qpc/`` without ``programqpc.bin`` is a failed compile and is redone. Every check runs before
+    the compile folder is created, and a compile folder this call created is removed again when
+    writing it fails; once the compiler has started, the folder stays, with its log.
     """
     options = options or CompileOptions()
+    check_options(options)
     info = read_model_info(model)
     resolved = resolve_options(options, info)
     compiler = find_compiler(options.compiler, required=not options.dry_run)
     folder = Path(output)
-    _prepare_folder(folder)
-    names, texts = _write_files(folder, info, resolved)
+    names, texts = _compose_files(info, resolved)
     command = build_command(compiler, info, resolved, folder.resolve(), options.hw_version, names)
     params = {"command": command, "files": texts, "model": _model_identity(info.path),
               "options": dataclasses.asdict(resolved) | {"node_precision_info": str(resolved.node_precision_info)},
               "compiler": {"path": compiler.path, "flavour": compiler.flavour, "found": compiler.found},
               "devices": list(resolved.devices)}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    (folder / COMMAND_NAME).write_text(shlex.join(command) + "\n")
-    result = CompileResult(folder=folder, command=command, hash=digest, status="dry-run", files=names)
-    previous = _read_params(folder)
-    marker = folder / QPC_MARKER
-    if options.dry_run:
-        _write_params(folder, params, digest, "dry-run")
-        return result
-    if previous.get("hash") == digest and previous.get("status") == "compiled" and marker.is_file():
-        result.status = "cached"
-        return result
-    if (folder / "qpc").exists():
-        logger.info("removing %s before compiling (%s)", folder / "qpc",
-                    "no programqpc.bin: an earlier compile failed" if not marker.is_file() else "parameters changed")
-        shutil.rmtree(folder / "qpc")
-    _write_params(folder, params, digest, "compiling")
+    created = _prepare_folder(folder)
+    try:
+        for name, text in texts.items():
+            (folder / name).write_text(text)
+        (folder / COMMAND_NAME).write_text(shlex.join(command) + "\n")
+        result = CompileResult(folder=folder, command=command, hash=digest, status="dry-run", files=names)
+        previous = _read_params(folder)
+        marker = folder / QPC_MARKER
+        if options.dry_run:
+            _write_params(folder, params, digest, "dry-run")
+            return result
+        if previous.get("hash") == digest and previous.get("status") == "compiled" and marker.is_file():
+            result.status = "cached"
+            return result
+        if (folder / "qpc").exists():
+            logger.info("removing %s before compiling (%s)", folder / "qpc",
+                        "no programqpc.bin: an earlier compile failed" if not marker.is_file() else "parameters changed")
+            shutil.rmtree(folder / "qpc")
+        _write_params(folder, params, digest, "compiling")
+    except BaseException as e:
+        _remove_created(created)
+        if isinstance(e, OSError):
+            raise QeffError(f"cannot write the compile folder {folder}: {e.strerror or e}",
+                            "check the free space and the permissions of the folder given with -o") from None
+        raise
     result.seconds = _run(command, folder, options.timeout, console)
     if not marker.is_file():
         raise QeffError(f"the compiler exited 0 but wrote no {QPC_MARKER} in {folder}",
@@ -166,18 +196,38 @@ def _tail(path: Path) -> str:
     return "\n".join(lines[-_TAIL_LINES:])
 
 
+def _stop_group(process: subprocess.Popen) -> None:
+    """Kill the compiler and every process it started (its process group), then reap it.
+
+    Called only while the compiler has not been reaped, so its pid, which is the group's id,
+    still names that group and no other."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except OSError:  # the group cannot be signalled: at least stop the compiler itself
+        process.kill()
+    process.wait()
+
+
 def _run(command: list[str], folder: Path, timeout: float | None, console: Any) -> float:
     """Run the compiler with its output in compile.log, a spinner and the elapsed time on screen."""
     log_path = folder / LOG_NAME
     start = time.perf_counter()
     with open(log_path, "wb") as log:
         try:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+            # A session of its own makes the compiler the leader of a new process group that its
+            # helper processes join, so a timeout or an interrupt stops all of them; it also keeps
+            # the terminal's Ctrl-C from reaching them behind our back (we stop them ourselves).
+            # stdin is closed: outside the terminal's foreground group a read would stop it.
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       cwd=folder, start_new_session=True)
         except OSError as e:
             raise QeffError(f"cannot start the compiler {command[0]}: {e.strerror or e}",
                             "check --compiler, or use --dry-run") from None
-        status = console.status("compiling") if console is not None else None
+        status = None
         try:
+            status = console.status("compiling") if console is not None else None
             if status is not None:
                 status.start()
             while process.poll() is None:
@@ -185,17 +235,17 @@ def _run(command: list[str], folder: Path, timeout: float | None, console: Any) 
                 if status is not None:
                     status.update(f"compiling with {Path(command[0]).name} … {elapsed:.0f} s")
                 if timeout is not None and elapsed > timeout:
-                    process.kill()
-                    process.wait()
+                    _stop_group(process)
                     raise QeffError(f"the compiler did not finish within {timeout:g} s and was stopped "
                                     f"(log: {log_path})", "raise --timeout, or lower the compile's size")
                 time.sleep(0.1)
         finally:
-            if status is not None:
-                status.stop()
-            if process.poll() is None:  # interrupted: do not leave the compiler running
-                process.kill()
-                process.wait()
+            try:
+                if process.returncode is None:  # interrupted or failed while waiting: stop them all
+                    _stop_group(process)
+            finally:
+                if status is not None:
+                    status.stop()
     seconds = time.perf_counter() - start
     if process.returncode != 0:
         tail = _tail(log_path)

@@ -38,28 +38,47 @@ def _executable(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
+def _locate(given: str) -> str | None:
+    """The absolute path of the executable ``given`` names, or None.
+
+    The compiler runs in the compile folder, so a relative path (``./qaic-compile``,
+    ``sdk/qaic-compile``) is resolved here, against the caller's current folder; a bare name is
+    looked up on PATH as a shell would, then in the current folder. Links are not resolved: the
+    name tells the compiler's flavour (qaic-exec or qaic-compile)."""
+    path = os.path.expanduser(given)
+    separators = {os.sep} | ({os.altsep} if os.altsep else set())
+    if not any(sep in path for sep in separators):
+        on_path = shutil.which(path)
+        if on_path:
+            return os.path.abspath(on_path)
+    candidate = os.path.abspath(path)
+    return candidate if _executable(candidate) else None
+
+
 def find_compiler(explicit: str | None = None, *, required: bool = True) -> Compiler:
     """``explicit`` (``--compiler``), else ``$QAIC_COMPILER``, else the SDK's qaic-compile, then
     qaic-exec, then qaic-compile on PATH. With ``required=False`` (a dry run) a missing compiler
-    gives the default path, marked not found."""
+    gives the default path, marked not found. A compiler that is found is named by its absolute path."""
     if explicit:
-        if not _executable(explicit):
+        located = _locate(explicit)
+        if located is None:
             raise QeffError(f"--compiler {explicit} is not an executable file",
                             "give the path of qaic-compile (or qaic-exec), or use --dry-run")
-        return Compiler(explicit, _flavour(explicit))
+        return Compiler(located, _flavour(located))
     searched = []
     env = os.environ.get("QAIC_COMPILER")
     if env:
-        if _executable(env):
-            return Compiler(env, _flavour(env))
+        located = _locate(env)
+        if located is not None:
+            return Compiler(located, _flavour(located))
         searched.append(f"$QAIC_COMPILER={env}")
     for path in DEFAULT_PATHS:
         if _executable(path):
             return Compiler(path, _flavour(path))
         searched.append(path)
     on_path = shutil.which("qaic-compile")
-    if on_path:
-        return Compiler(on_path, "compile")
+    if on_path:  # absolute: a relative PATH entry means the caller's folder, not the compile folder
+        return Compiler(os.path.abspath(on_path), "compile")
     searched.append("qaic-compile on PATH")
     if not required:
         return Compiler(DEFAULT_PATHS[0], "compile", found=False)

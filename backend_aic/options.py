@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-__all__ = ["CompileOptions", "ResolvedOptions", "resolve_options", "KV_PRECISIONS", "SPECIALIZATION_FORMATS"]
+__all__ = ["CompileOptions", "ResolvedOptions", "resolve_options", "check_options", "KV_PRECISIONS",
+           "SPECIALIZATION_FORMATS", "INT_MAX"]
 
 import dataclasses
+import math
+import numbers
+import operator
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from qeff.backend_aic.model_info import ModelInfo
+from qeff.backend_aic.model_info import ModelInfo, file_beside_model
 from qeff.errors import QeffError
 
 KV_PRECISIONS = ("float16", "bfloat16", "mxint8")
 SPECIALIZATION_FORMATS = ("flat", "named")
+# Sizes, counts and device ids go to the compiler and the runtime as signed 32-bit integers.
+INT_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +74,51 @@ class ResolvedOptions:
     custom_io: tuple[tuple[str, str], ...]
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise QeffError(f"{name} must be at least 1, got {value}", f"e.g. {name}=1")
+def _count(name: str, value: object, low: int = 1, hint: str | None = None) -> int | None:
+    """``value`` as an int in ``low..INT_MAX`` (None passes): a bool, a fraction or a number the
+    compiler cannot hold would otherwise reach its command line or a specializations file."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise QeffError(f"{name} must be a whole number, got {value!r}", hint or f"e.g. {name}={max(low, 1)}") from None
+    if not low <= number <= INT_MAX:
+        raise QeffError(f"{name} must be between {low} and {INT_MAX}, got {number}",
+                        hint or f"e.g. {name}={max(low, 1)}")
+    return number
+
+
+def check_options(options: CompileOptions) -> None:
+    """Refuse option values that no model makes valid, before the model is read or a file written."""
+    for name in ("num_cores", "batch_size", "prefill_len", "ctx_len", "full_batch_size", "mos", "ols",
+                 "stats_batchsize"):
+        _count(f"--{name.replace('_', '-')}", getattr(options, name))
+    timeout = options.timeout
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout) \
+                or timeout <= 0:
+            raise QeffError(f"--timeout must be a finite number of seconds above 0, got {timeout!r}",
+                            "e.g. --timeout 3600, or leave it out to wait for the compiler")
+    devices = list(options.devices)
+    for device in devices:
+        _count("--devices", device, low=0)
+    if len(set(devices)) != len(devices):
+        raise QeffError(f"--devices {','.join(map(str, devices))}: each device id once, none negative",
+                        "e.g. --devices 0,1,2,3")
+    for name, value in dict(options.define_symbols).items():
+        _count(f"--define-symbol {name}", value)
+    if options.prefill_len is not None and options.ctx_len is not None and options.prefill_len > options.ctx_len:
+        raise QeffError(f"--prefill-len {options.prefill_len} is longer than the cache ({options.ctx_len})",
+                        "use a shorter prefill length")
 
 
 def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions:
     """Fill what the user left open from the manifest and the model, and check it against the model."""
     manifest = info.manifest
-    for name in ("num_cores", "batch_size", "prefill_len", "ctx_len", "full_batch_size", "mos", "ols"):
-        _positive(f"--{name.replace('_', '-')}", getattr(options, name))
+    check_options(options)
     if options.kv_precision is not None and options.kv_precision not in KV_PRECISIONS:
         raise QeffError(f"unknown KV precision {options.kv_precision!r}", f"choose one of {', '.join(KV_PRECISIONS)}")
     if options.specializations_format not in SPECIALIZATION_FORMATS:
@@ -86,9 +127,6 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
     bad = [f for f in options.extra_flags if not f.startswith("-") or len(f) < 2]
     if bad:
         raise QeffError(f"extra compiler flag {bad[0]!r} does not start with '-'", "e.g. --flag=-aic-perf-metrics")
-    if len(set(options.devices)) != len(options.devices) or any(d < 0 for d in options.devices):
-        raise QeffError(f"--devices {','.join(map(str, options.devices))}: each device id once, none negative",
-                        "e.g. --devices 0,1,2,3")
     ctx = options.ctx_len or manifest.ctx_len
     model_ctx = info.cache_length()
     if info.has_kv:
@@ -103,9 +141,13 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
     specs = manifest.specializations
     prefill_default = next((s.get("seq_len") for s in specs if s.get("seq_len", 1) > 1), None)
     prefill = options.prefill_len or prefill_default or 32
+    # The manifest only promises positive numbers; what goes to the compiler must also fit 32 bits.
+    _count("the cache length (ctx_len) from the manifest or the model", ctx, hint="pass --ctx-len N")
+    _count("the prefill length from the manifest's specializations", prefill, hint="pass --prefill-len N")
     if ctx is not None and prefill > ctx:
         raise QeffError(f"--prefill-len {prefill} is longer than the cache ({ctx})", "use a shorter prefill length")
     full_batch = options.full_batch_size or manifest.full_batch_size
+    _count("the full_batch_size from the manifest", full_batch, hint="pass --full-batch-size N")
     if info.continuous_batching and not full_batch:
         raise QeffError("the model has continuous batching (batch_index) but no full batch size is known",
                         "pass --full-batch-size N")
@@ -117,11 +159,13 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
     mx = manifest.mx or {}
     mxfp6 = options.mxfp6 if options.mxfp6 is not None else mx.get("compiler_flag") == "-mxfp6-matmul"
     npi = manifest.node_precision_info
+    # The manifest is data a user may have been handed: the file it names is copied into the
+    # compile folder, so it must be a file of the model's own folder, not any file on the machine.
+    node_precision = file_beside_model(info.path, "node_precision_info", npi) if npi is not None else None
     defines = _define_symbols(options, info) if not info.has_kv else ()
     if info.has_kv and options.define_symbols:
         raise QeffError("--define-symbol is for models without a KV cache; a KV model compiles specializations",
                         "use --batch-size, --prefill-len and --ctx-len")
-    _positive("--stats-batchsize", options.stats_batchsize)
     names = set(info.input_dims) | set(info.output_names)
     for name, precision in options.custom_io.items():
         if name not in names:
@@ -135,7 +179,7 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
         devices=tuple(options.devices), mos=options.mos, ols=options.ols, depth_first=options.depth_first,
         mxfp6=bool(mxfp6), kv_precision=options.kv_precision or kv_default,
         specializations_format=options.specializations_format, extra_flags=tuple(options.extra_flags),
-        node_precision_info=(info.path.parent / npi) if npi else None, convert_to_fp16=options.convert_to_fp16,
+        node_precision_info=node_precision, convert_to_fp16=options.convert_to_fp16,
         define_symbols=defines, multicast_weights=options.multicast_weights, stats_batchsize=options.stats_batchsize,
         custom_io=tuple(options.custom_io.items()),
     )
@@ -150,7 +194,6 @@ def _define_symbols(options: CompileOptions, info: ModelInfo) -> tuple[tuple[str
         if name not in symbols:
             raise QeffError(f"--define-symbol {name}: the model has no symbol {name!r}",
                             f"its symbols: {', '.join(sorted(symbols)) or 'none'}")
-        _positive(f"--define-symbol {name}", value)
     first = next(iter(info.input_dims.values()), [])
     batch = first[0] if first and isinstance(first[0], str) else None
     if batch is not None and batch not in values:

@@ -29,6 +29,7 @@ __all__ = ["AicSession", "AicRuntimeError", "AicLibraryError"]
 
 import contextlib
 import json
+import operator
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -44,6 +45,8 @@ from qeff.runtime.session import Session, TensorSpec
 
 # The compile folder's layout, as backend_aic writes it.
 QPC_NAME = QPC_MARKER.name
+
+_QID_MAX = 2**31 - 1
 
 #: custom_io.yaml precisions the host can read and write, as NumPy dtypes.
 _HOST_PRECISIONS = {"float16": np.float16, "float32": np.float32, "float": np.float32}
@@ -68,6 +71,7 @@ class AicSession(Session):
     def __init__(self, path: str | os.PathLike[str], *, device_id: int = 0, lib: str | os.PathLike[str] | None = None,
                  mirror_state: bool = False) -> None:
         self._native: Any = None  # set last: close() and repr() work after a failed __init__
+        device_id = _device_id(device_id)
         folder, qpc = _locate(Path(path))
         self.folder, self.qpc = folder, qpc
         precisions = _custom_io(folder)
@@ -212,6 +216,23 @@ class AicSession(Session):
 
 
 # ---- reading the compile folder ---------------------------------------------------------------
+
+
+def _device_id(value: object) -> int:
+    """``value`` as a device id (0..2**31-1, the runtime's QID is a signed 32-bit integer),
+    checked before the folder is read or the runtime library loaded."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        device = operator.index(value)
+    except TypeError:
+        raise QeffError(f"device_id must be a whole number, got {value!r}",
+                        "give the device's number as qaic-util -q lists it, e.g. device_id=0") from None
+    if not 0 <= device <= _QID_MAX:
+        raise QeffError(f"device_id must be between 0 and {_QID_MAX}, got {device}",
+                        "give the device's number as qaic-util -q lists it, e.g. device_id=0")
+    return device
+
 
 
 def _locate(path: Path) -> tuple[Path, Path]:

@@ -239,6 +239,26 @@ def test_aic_bad_device(aic_folder: Path, standin_lib: Path) -> None:
     assert "device id" in info.value.hint
 
 
+@pytest.mark.parametrize("device_id", [-1, -(2**31), 2**31, True, 1.0, "0"])
+def test_aic_refuses_an_impossible_device_id_before_the_runtime(device_id: object, aic_folder: Path,
+                                                                standin_lib: Path, tmp_path: Path) -> None:
+    """Refused before the folder is read or the library loaded: the stand-in opens nothing, and a
+    library path that does not exist (or a folder that is not one) is never reached."""
+    live = counter(standin_lib, "live")
+    with pytest.raises(QeffError, match="device_id must be") as info:
+        AicSession(aic_folder, lib=standin_lib, device_id=device_id)
+    assert not isinstance(info.value, (AicRuntimeError, AicLibraryError)) and info.value.hint
+    assert counter(standin_lib, "live") == live
+    with pytest.raises(QeffError, match="device_id must be"):
+        AicSession(tmp_path / "no-such-folder", lib=tmp_path / "no-libQAic.so", device_id=device_id)
+
+
+def test_aic_takes_the_largest_device_id_to_the_runtime(aic_folder: Path, standin_lib: Path) -> None:
+    """2**31-1 is a valid id: it reaches the runtime, which reports that no such device exists."""
+    with pytest.raises(AicRuntimeError, match="qaicCreateContext failed"):
+        AicSession(aic_folder, lib=standin_lib, device_id=2**31 - 1)
+
+
 # ---- generation through the card's session ------------------------------------------------------
 
 
