@@ -123,9 +123,21 @@ def _clip(tensor: ir.TensorProtocol) -> tuple[str, ir.Tensor] | None:
     array = tensor.numpy()
     peak = _finite_peak(array)
     if peak <= FP16_MAX:
+        del array
+        _release(tensor)
         return None
     clipped = np.where(np.isfinite(array), np.clip(array, -FP16_MAX, FP16_MAX), array).astype(array.dtype)
     return f"{peak:.4g}", ir.tensor(clipped, name=tensor.name)
+
+
+def _release(tensor: ir.TensorProtocol) -> None:
+    """Unmap a weight read from external data once it is scanned: its pages would otherwise
+    stay resident, and scanning every weight would hold the whole model."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # someone else still holds a view of it: leave it mapped
+            pass
 
 
 def _clip_constants(graph: ir.Graph, progress: bool) -> dict[str, str]:
