@@ -35,13 +35,17 @@ _FLOAT16 = onnx.TensorProto.FLOAT16
 
 def simulate_fp16(model: ir.Model | onnx.ModelProto | str | os.PathLike,
                   keep_fp32: Iterable[str] = ()) -> onnx.ModelProto:
-    """A copy of ``model`` whose float32 tensors are rounded to fp16 wherever they are stored."""
+    """A copy of ``model`` whose float32 tensors are rounded to fp16 wherever they are stored.
+
+    From a path, weights in external data are not read: the copy refers to the same data files,
+    relative to the model's folder, so save it in that folder (the rounding happens in the
+    graph, at run time; the copy costs the graph, not the weights)."""
     if isinstance(model, ir.Model):
         proto = ir.serde.serialize_model(model)
     elif isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto.FromString(model.SerializeToString())
     else:
-        proto = onnx.load(os.fspath(model))
+        proto = onnx.load(os.fspath(model), load_external_data=False)
     graph = proto.graph
     floats = float32_names(proto)
     outputs = {o.name for o in graph.output}

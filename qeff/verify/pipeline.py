@@ -46,7 +46,9 @@ def verify_pipeline(reference: Path, candidate: Path, *, scratch: Path, toleranc
 
         from qeff.passes.fp16.simulation import simulate_fp16
 
-        simulated = scratch / "candidate.fp16-simulation.onnx"
+        # Beside the candidate: the simulation refers to the candidate's data file, by a
+        # path relative to its folder, instead of holding a copy of every weight.
+        simulated = candidate.with_name(candidate.stem + ".fp16-simulation.onnx")
         onnx.save(simulate_fp16(candidate, keep_fp32=fp16_keep), simulated)
         candidate = simulated
     if _has_kv_cache(candidate) and not _has_kv_cache(reference):
