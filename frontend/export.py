@@ -283,6 +283,67 @@ def _fix_torchscript_external_data(target: Path, external: bool) -> None:
             stray.unlink()
 
 
+def check_request(output: str | os.PathLike[str], exporter: str, opset: int | None) -> Path:
+    """The output path, once the exporter, the opset and the path itself make sense."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}", f"choose one of: {', '.join(EXPORTERS)}")
+    if exporter == "dynamo" and opset is not None and opset < DYNAMO_MIN_OPSET:
+        # torch.onnx writes opset 18 anyway and says nothing; asking for 17 must not pass silently.
+        raise ExportError(
+            f"the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or later, not {opset}",
+            f"use exporter='torchscript' for opset {opset}",
+        )
+    output = Path(output)
+    if output.is_dir():
+        raise ExportError(f"{output} is a folder", "give the path of the .onnx file to write")
+    return output
+
+
+@contextlib.contextmanager
+def staged_output(output: Path) -> Iterator[Staging]:
+    """A staging folder beside ``output``; on any failure it is removed, and so is the output's
+    parent folder when this export created it and it is still empty."""
+    parent = output.parent
+    created_parent = not parent.exists()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Staging(output)
+    except OSError as exc:
+        raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}", "choose a writable output folder") from exc
+    try:
+        yield staging
+    except BaseException:
+        staging.discard()
+        if created_parent:
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only if still empty
+        raise
+
+
+@contextlib.contextmanager
+def exporter_errors(arch: str, exporter: str) -> Iterator[None]:
+    """Turn an exception of the exporter into an ExportError that names the other exporter."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:
+        logger.debug("exporter traceback", exc_info=True)
+        other = "torchscript" if exporter == "dynamo" else "dynamo"
+        raise ExportError(
+            f"exporting {arch} with {exporter} failed: {exception_reason(exc)}",
+            f"try exporter={other!r}, or enable debug logging for the full traceback",
+        ) from exc
+
+
+def example_args(model: Any, names: list[str]) -> tuple[torch.Tensor, ...]:
+    """The tracing example for ``model``, one tensor per input name."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None) or 2
+    example = padded_batch(_EXAMPLE_BATCH, _EXAMPLE_SEQ, vocab, pad=_EXAMPLE_PAD)
+    return tuple(example[name] for name in names)
+
+
 def _data_commit(staging: Staging, output: Path) -> dict[str, Any]:
     """What to move with the model and what to remove after it. The exporter names the data
     file ``<name>.data``; when an earlier output already has a file of that name it is renamed
@@ -320,17 +381,7 @@ def export_causal_lm(
     ``output`` then.
     """
     torch, _ = require_torch()
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}", f"choose one of: {', '.join(EXPORTERS)}")
-    if exporter == "dynamo" and opset is not None and opset < DYNAMO_MIN_OPSET:
-        # torch.onnx writes opset 18 anyway and says nothing; asking for 17 must not pass silently.
-        raise ExportError(
-            f"the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or later, not {opset}",
-            f"use exporter='torchscript' for opset {opset}",
-        )
-    output = Path(output)
-    if output.is_dir():
-        raise ExportError(f"{output} is a folder", "give the path of the .onnx file to write")
+    output = check_request(output, exporter, opset)
     arch = _architecture(model)
     size = parameter_bytes(model)
     external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
@@ -344,47 +395,20 @@ def export_causal_lm(
         " with external data" if external else "",
     )
 
-    parent = output.parent
-    created_parent = not parent.exists()
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Staging(output)
-    except OSError as exc:
-        raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}", "choose a writable output folder") from exc
-    try:
-        with _Stages(progress) as stages:
-            stages.stage(f"Preparing {arch} ({size / 1e6:.1f} MB)")
-            config = getattr(model, "config", None)
-            vocab = getattr(config, "vocab_size", None) or 2
-            example = padded_batch(_EXAMPLE_BATCH, _EXAMPLE_SEQ, vocab, pad=_EXAMPLE_PAD)
-            args = tuple(example[name] for name in names)
-            wrapper = _wrap(model).eval()
+    with staged_output(output) as staging, _Stages(progress) as stages:
+        stages.stage(f"Preparing {arch} ({size / 1e6:.1f} MB)")
+        args = example_args(model, names)
+        wrapper = _wrap(model).eval()
 
-            stages.stage(f"Exporting {arch} with {exporter}")
-            target = staging.path
-            try:
-                with _quiet_exporter(), _exportable_experts(model), torch.no_grad():
-                    _run_exporter(wrapper, args, names, target, exporter=exporter, opset=opset, external=external)
-            except ExportError:
-                raise
-            except Exception as exc:
-                logger.debug("exporter traceback", exc_info=True)
-                other = "torchscript" if exporter == "dynamo" else "dynamo"
-                raise ExportError(
-                    f"exporting {arch} with {exporter} failed: {exception_reason(exc)}",
-                    f"try exporter={other!r}, or enable debug logging for the full traceback",
-                ) from exc
-            if not target.is_file():
-                raise ExportError(f"exporting {arch} with {exporter} failed: the exporter wrote no file")
+        stages.stage(f"Exporting {arch} with {exporter}")
+        target = staging.path
+        with exporter_errors(arch, exporter), _quiet_exporter(), _exportable_experts(model), torch.no_grad():
+            _run_exporter(wrapper, args, names, target, exporter=exporter, opset=opset, external=external)
+        if not target.is_file():
+            raise ExportError(f"exporting {arch} with {exporter} failed: the exporter wrote no file")
 
-            stages.stage(f"Writing {output.name}")
-            # Data first, model last: the model file appearing is what marks the export done.
-            staging.commit(**_data_commit(staging, output))
-    except BaseException:
-        staging.discard()
-        if created_parent:
-            with contextlib.suppress(OSError):
-                parent.rmdir()  # only if still empty
-        raise
+        stages.stage(f"Writing {output.name}")
+        # Data first, model last: the model file appearing is what marks the export done.
+        staging.commit(**_data_commit(staging, output))
     logger.info("wrote %s", output)
     return output

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "load_causal_lm"]
+__all__ = ["DTYPES", "check_folder", "load_causal_lm"]
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -79,6 +79,24 @@ def _check_model_type(config: dict[str, Any], folder: Path) -> str:
     return model_type
 
 
+def check_folder(folder: str | os.PathLike[str]) -> tuple[str, list[Path]]:
+    """The model type and the safetensors files of the causal LM folder ``folder``.
+
+    Raises :class:`~qeff.errors.ExportError` when the path is not a folder, has no
+    ``config.json`` or no safetensors weights, or names a model type this transformers does not
+    know or that is not a causal LM. Shared by the in-memory and the streaming loaders, so both
+    refuse a bad folder with the same message.
+    """
+    require_torch()
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "a file" if folder.exists() else "missing"
+        raise ExportError(f"{folder} is not a folder ({what})", _FOLDER_HINT)
+    config = _read_config(folder)
+    weights = _check_weights(folder)
+    return _check_model_type(config, folder), weights
+
+
 def load_causal_lm(
     folder: str | os.PathLike[str],
     dtype: str = "float32",
@@ -93,12 +111,7 @@ def load_causal_lm(
     """
     torch, transformers = require_torch()
     folder = Path(folder)
-    if not folder.is_dir():
-        what = "a file" if folder.exists() else "missing"
-        raise ExportError(f"{folder} is not a folder ({what})", _FOLDER_HINT)
-    config = _read_config(folder)
-    weights = _check_weights(folder)
-    model_type = _check_model_type(config, folder)
+    model_type, weights = check_folder(folder)
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}", f"choose one of: {', '.join(DTYPES)}")
 
