@@ -318,9 +318,14 @@ def export_command(
     seed: int = typer.Option(0, "--seed", help="seed for the tiny model's random weights", callback=_seed()),
     attn: str = typer.Option("eager", "--attn", help="attention implementation: eager or sdpa"),
     external_data: Optional[bool] = typer.Option(
-        None, "--external-data/--no-external-data", help="weights in a .data file (default: when > 1 GiB)"
+        None, "--external-data/--no-external-data",
+        help="weights in a .data file (default: always for a folder, whose weights are streamed; "
+             "for --tiny when > 1 GiB)"
     ),
-    check: bool = typer.Option(True, "--check/--no-check", help="compare onnxruntime with torch after export"),
+    check: bool = typer.Option(
+        True, "--check/--no-check",
+        help="compare onnxruntime with torch after export (a folder with more than 1 GiB of float32 "
+             "weights skips it: the check would load the model whole)"),
     task: Optional[str] = typer.Option(
         None, "--task", help="encoders (bert, roberta, xlm-roberta): base, qa, classification or embeddings"),
 ) -> None:
