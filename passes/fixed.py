@@ -25,7 +25,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from qeff.errors import PassOptionError, UnsupportedGraphError
 from qeff.passes.ir.aot_ops import replace_rejected_ops
-from qeff.passes.infra.base import QeffPass, QeffPassResult, parse_option_value
+from qeff.passes.infra.base import INT32_MAX, QeffPass, QeffPassResult, parse_option_value
 from qeff.passes.fold import FoldOptions, FoldPass
 from qeff.passes.ir.shape_sharing import PREFIX, share_shape_arithmetic
 from qeff.passes.ir.symbolic_shapes import SymbolicShapes
@@ -39,11 +39,14 @@ _MAX_ROUNDS = 4
 _DECLARED = ("batch_size", "seq_len", "ctx_len", "full_batch_size")
 # What plain exports call the decoder symbols; renamed to the declared names.
 _ALIASES = {"batch": "batch_size", "seq": "seq_len"}
-_SIZE_OPTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=\d+$")
+# A sign is let through so that a negative size is refused as a size, not as an unknown option.
+_SIZE_OPTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=[-+]?\d+$")
 
 
 def _size(help_text: str):
-    return dataclasses.field(default=None, metadata={"help": help_text})
+    # A dim of 0 would make every tensor empty and hide the model; a dim beyond int32 is not
+    # one any runtime allocates.
+    return dataclasses.field(default=None, metadata={"help": help_text, "min": 1, "max": INT32_MAX})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +84,7 @@ class FixedPass(QeffPass):
        ``NonZero``) are listed in the report; with every symbol bound, so are leftover
        ``Shape`` ops and values without a concrete shape.
     5. A size for a symbol the model does not have is an error (a typo would otherwise pass
-       silently), as is a size below 1.
+       silently), as is a size outside 1..2**31-1 (checked when the pass is built).
     """
 
     name = "fixed"
@@ -100,6 +103,11 @@ class FixedPass(QeffPass):
         if sizes:
             known["sizes"] = "|".join([*(parse_option_value(known.pop("sizes", ""), tuple[str, ...])), *sizes])
         return super().from_text(known)
+
+    def validate_options(self) -> None:
+        """Each ``sizes`` item is ``name=N`` with N in the range of the size fields."""
+        for item in self.options.sizes:
+            _parse_size(item)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -147,14 +155,10 @@ class FixedPass(QeffPass):
                 for d in v.shape if not isinstance(d, int) and d.value}
         sizes = {name: getattr(self.options, name) for name in _DECLARED if getattr(self.options, name) is not None}
         for item in self.options.sizes:
-            name, _, text = item.partition("=")
-            if not text.strip().lstrip("-").isdigit():
-                raise PassOptionError(f"fixed: size {item!r} is not name=number", "e.g. fixed:sequence_length=128")
-            sizes[name.strip()] = int(text)
+            name, size = _parse_size(item)
+            sizes[name] = size
         bindings: dict[str, int] = {}
         for name, size in sizes.items():
-            if size < 1:
-                raise PassOptionError(f"fixed: {name}={size} must be at least 1")
             names = [n for n in used if n == name or _ALIASES.get(n) == name]
             if not names:
                 close = difflib.get_close_matches(name, sorted(used), n=1)
@@ -214,6 +218,20 @@ class FixedPass(QeffPass):
             if not_static:  # no Shape op is left then: ensures() checks that
                 details["values_not_static"] = not_static[:20]
         return details
+
+
+def _parse_size(item: str) -> tuple[str, int]:
+    """``name=N`` -> (name, N), refusing what is not that or N outside 1..INT32_MAX (the bounds
+    of the size fields, which a size written as text must meet too)."""
+    name, _, text = item.partition("=")
+    name, text = name.strip(), text.strip()
+    if not name or not text.lstrip("+-").isdigit():
+        raise PassOptionError(f"fixed: size {item!r} is not name=number", "e.g. fixed:sequence_length=128")
+    size = int(text)
+    if not 1 <= size <= INT32_MAX:
+        raise PassOptionError(f"fixed: option {name}={size} must be at least 1 and at most {INT32_MAX}",
+                              f"give the size of the dim, e.g. fixed:{name}=128")
+    return name, size
 
 
 def _fixed(shapes: SymbolicShapes, value: ir.Value) -> bool:

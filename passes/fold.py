@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from qeff.passes.infra.base import QeffPass, QeffPassResult
+from qeff.passes.infra.base import INT32_MAX, QeffPass, QeffPassResult
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ class FoldOptions:
         default=8192,
         metadata={
             "help": "largest tensor (elements) a folded node may read or produce; keeps "
-            "masks and weights from being materialised"
+            "masks and weights from being materialised",
+            "min": 1,
+            "max": INT32_MAX,
         },
     )
     infer_shapes: bool = dataclasses.field(

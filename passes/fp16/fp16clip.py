@@ -25,12 +25,14 @@ _CHUNK = 1 << 24  # elements per read when scanning a large initializer
 
 @dataclasses.dataclass(frozen=True)
 class FP16ClipOptions:
+    # Every generated sample is held in memory and run once: beyond a few thousand it is a typo.
     calibrate: int = dataclasses.field(default=0, metadata={
-        "help": "run the fp32 model on N generated sample inputs and flag activations beyond fp16 range (0: off)"})
+        "help": "run the fp32 model on N generated sample inputs and flag activations beyond fp16 range (0: off)",
+        "min": 0, "max": 10_000})
     samples: str | None = dataclasses.field(default=None, metadata={
         "help": ".npz of calibration inputs: one array per input name, first axis = sample"})
     margin: float = dataclasses.field(default=1.0, metadata={
-        "help": "flag an activation when its observed |max| × margin exceeds 65504"})
+        "help": "flag an activation when its observed |max| × margin exceeds 65504", "above": 0})
     action: Literal["fp32", "clamp"] = dataclasses.field(default="fp32", metadata={
         "help": "fp32: list flagged activations for the compiler's -node-precision-info (accurate); "
                 "clamp: clip them to ±65504 (no fp32 on the card, values beyond the range are lost)"})

@@ -6,6 +6,9 @@ record what it did:
 
 - ``name`` / ``summary``: the CLI name and a one-line description for ``--list-passes``;
 - ``Options``: a dataclass whose typed fields are the pass's options (``name:key=value``);
+  a numeric field's metadata may bound it (``"min"``, ``"max"``, ``"above"``: inclusive,
+  inclusive, exclusive), floats must be finite, and every pass checks its options against
+  their fields when it is built, from text or from Python (:func:`check_options`);
 - ``requires``: passes that must have run before (in this pipeline or an earlier one);
 - ``once``: the pass may be applied to a model at most once;
 - ``lossy``: the pass changes the model's numbers by design (quantization);
@@ -23,11 +26,13 @@ Subclassing registers the pass; ``PASS_REGISTRY`` maps names to classes.
 from __future__ import annotations
 
 __all__ = ["QeffPass", "QeffPassResult", "NoOptions", "PASS_REGISTRY", "get_pass", "parse_option_value",
-           "describe_options"]
+           "describe_options", "check_options", "INT32_MAX"]
 
 import dataclasses
 import difflib
 import logging
+import math
+import numbers
 import types
 import typing
 from typing import Any, ClassVar, Literal
@@ -39,6 +44,10 @@ from qeff.errors import PassOptionError, QeffError
 logger = logging.getLogger(__name__)
 
 PASS_REGISTRY: dict[str, type[QeffPass]] = {}
+
+# The usual upper bound of a size option: compilers and runtimes take sizes as int32, and a
+# larger number is a typo rather than a model.
+INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +93,16 @@ class QeffPass(ir.passes.InPlacePass):
             options = self.Options(**kwargs)
         elif kwargs:
             options = dataclasses.replace(options, **kwargs)
+        if not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, got {type(options).__name__}")
+        check_options(self.name, options)
         self.options = options
+        self.validate_options()
         self.progress = False
+
+    def validate_options(self) -> None:
+        """Checks across fields or inside text values that field bounds cannot express; a pass
+        overrides it and raises :class:`PassOptionError`. Runs once, when the pass is built."""
 
     @classmethod
     def from_text(cls, text_options: dict[str, str]) -> QeffPass:
@@ -212,7 +229,88 @@ def describe_options(pass_cls: type[QeffPass]) -> list[tuple[str, str, str, str]
             default = field.default_factory()  # type: ignore[misc]
         else:
             default = "required"
-        rows.append(
-            (field.name, _type_name(hints[field.name]), str(default), field.metadata.get("help", ""))
-        )
+        type_name = _type_name(hints[field.name])
+        bounds = _bounds_text(field)
+        if bounds:
+            base, sep, rest = type_name.partition(" | ")
+            type_name = f"{base} {bounds}{sep}{rest}"
+        rows.append((field.name, type_name, str(default), field.metadata.get("help", "")))
     return rows
+
+
+def _bounds_text(field: dataclasses.Field) -> str:
+    """``1..2147483647``, ``>= 0``, ``> 0``: the range an option's metadata allows."""
+    low, high, above = (field.metadata.get(k) for k in ("min", "max", "above"))
+    if low is not None and high is not None:
+        return f"{low}..{high}"
+    parts = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
+             f"<= {high}" if high is not None else ""]
+    return " ".join(p for p in parts if p)
+
+
+def _concrete_types(annotation: Any) -> tuple[list[Any], bool]:
+    """The non-None members of an annotation, and whether None is allowed."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [annotation], False
+
+
+def _hint(field: dataclasses.Field) -> str:
+    """The hint of an error about a numeric option: its default as an example, when it has one."""
+    default = field.default
+    example = (f"e.g. {field.name}={default}; "
+               if isinstance(default, numbers.Real) and not isinstance(default, bool) else "")
+    return f"{example}qeff-opt --list-passes shows each option's type and range"
+
+
+def _check_number(where: str, field: dataclasses.Field, value: Any, kind: Any) -> None:
+    """``value`` against the field's numeric kind, finiteness and bounds."""
+    name, meta = field.name, field.metadata
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind is int else numbers.Real):
+        what = "an integer" if kind is int else "a number"
+        raise PassOptionError(f"{where}: option {name}={value!r} must be {what}", _hint(field))
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        raise PassOptionError(f"{where}: option {name}={value!r} must be a finite number", _hint(field))
+    low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
+    if ((low is None or value >= low) and (high is None or value <= high)
+            and (above is None or value > above)):
+        return
+    wanted = " and ".join(t for t in (f"at least {low}" if low is not None else "",
+                                      f"greater than {above}" if above is not None else "",
+                                      f"at most {high}" if high is not None else "") if t)
+    raise PassOptionError(f"{where}: option {name}={value!r} must be {wanted}", _hint(field))
+
+
+def check_options(pass_name: str, options: Any) -> None:
+    """Check every field of a pass's ``options`` against its annotation and its metadata bounds.
+
+    Both ways of building a pass meet here (``name:key=value`` text and ``Pass(Options(...))``),
+    so an out-of-range value is refused before any model is read, whichever way it came in.
+    """
+    hints = typing.get_type_hints(type(options))
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        kinds, optional = _concrete_types(hints[field.name])
+        if value is None:
+            if not optional:
+                raise PassOptionError(f"{pass_name}: option {field.name} needs a value",
+                                      "qeff-opt --list-passes shows each option's type")
+            continue
+        literal = next((k for k in kinds if typing.get_origin(k) is Literal), None)
+        if literal is not None:
+            choices = typing.get_args(literal)
+            if value not in choices:
+                raise PassOptionError(f"{pass_name}: option {field.name}={value!r} must be one of "
+                                      f"{', '.join(map(str, choices))}", "qeff-opt --list-passes lists the choices")
+            continue
+        if isinstance(value, tuple):
+            item = next((typing.get_args(k)[0] for k in kinds if typing.get_origin(k) is tuple
+                         and typing.get_args(k)), None)
+            if item in (int, float):
+                for element in value:
+                    _check_number(pass_name, field, element, item)
+        elif float in kinds:  # a float field takes an int too
+            _check_number(pass_name, field, value, float)
+        elif int in kinds:
+            _check_number(pass_name, field, value, int)

@@ -144,10 +144,9 @@ class SymbolicShapes:
 
     def _visit(self, node: ir.Node) -> None:
         default_domain = node.domain in ("", "ai.onnx")
+        content = None
         if default_domain and node.op_type in _CONTENT_RULES and len(node.outputs) == 1:
             content = _CONTENT_RULES[node.op_type](self, node)
-            if content is not None and len(content) <= MAX_CONTENT:
-                self.contents[node.outputs[0]] = tuple(self._canonical(e) for e in content)
         computed: list[Dims | None] | None = None
         if default_domain and node.op_type in _SHAPE_RULES:
             dims = _SHAPE_RULES[node.op_type](self, node)
@@ -159,6 +158,15 @@ class SymbolicShapes:
             dims = self._fill_from_ir(dims, out.shape)
             if dims is not None:
                 self.shapes[out] = tuple(self._canonical(d) for d in dims)
+        if content is not None and len(content) <= MAX_CONTENT:
+            dims = self.shapes.get(node.outputs[0])
+            if dims is not None and all(d is not None and d.is_Integer for d in dims) and \
+                    math.prod(int(d) for d in dims) != len(content):
+                # Contents are folded into constants: one that disagrees with the value's own
+                # shape would write wrong numbers into the model, so it is dropped instead.
+                logger.debug("%s: %d elements for shape %s; content dropped", node.name, len(content), dims)
+                return
+            self.contents[node.outputs[0]] = tuple(self._canonical(e) for e in content)
 
     def _fill_from_ir(self, dims: Dims | None, shape: ir.Shape | None) -> Dims | None:
         """Keep what the IR already knows where this walk found nothing."""
@@ -228,6 +236,8 @@ class SymbolicShapes:
         elements = self.ints(value) if value in self.contents else None
         if elements is None or dims is None or any(d is None or not d.is_Integer for d in dims):
             return None
+        if math.prod(int(d) for d in dims) != len(elements):
+            return None
         return np.array(elements, dtype=value.dtype.numpy()).reshape([int(d) for d in dims])
 
     def _dim_text(self, expr: Expr | None) -> int | str | None:
@@ -271,15 +281,53 @@ def _elementwise(fn: Callable[..., Expr | None]) -> Callable[[SymbolicShapes, ir
         contents = [s.content(v) for v in node.inputs]
         if any(c is None for c in contents):
             return None
-        length = max(len(c) for c in contents)
-        if any(len(c) not in (1, length) for c in contents):
+        positions = _broadcast_positions(s, node.inputs, contents)
+        if positions is None:
             return None
         out = []
-        for i in range(length):
-            args = [c[i if len(c) > 1 else 0] for c in contents]
+        for index in positions:
+            args = [c[i] for c, i in zip(contents, index)]
             out.append(None if any(a is None for a in args) else _safe(fn, node, *args))
         return tuple(out)
     return rule
+
+
+def _broadcast_positions(s: SymbolicShapes, inputs: Iterable[ir.Value | None],
+                         contents: list[Content]) -> list[tuple[int, ...]] | None:
+    """For each element of a broadcast result, in order, the element it reads of each input.
+
+    Contents are flattened, so the inputs' shapes decide the pairing: ``[4, 1]`` against
+    ``[1, 4]`` gives 16 elements, not 4 (a causal mask built from two ``Range``). A single
+    element broadcasts whatever its shape; otherwise every shape must be known in numbers.
+    """
+    if any(len(c) == 0 for c in contents):  # an empty vector broadcasts to nothing
+        return [] if all(len(c) <= 1 for c in contents) else None
+    wide = [i for i, c in enumerate(contents) if len(c) > 1]
+    if len(wide) <= 1:  # single elements broadcast without reordering what they meet
+        length = len(contents[wide[0]]) if wide else 1
+        return [tuple(k if i in wide else 0 for i in range(len(contents))) for k in range(length)]
+    shapes = []
+    for value, content in zip(inputs, contents):
+        if len(content) == 1:
+            shapes.append(())
+            continue
+        dims = s.shape(value)
+        if dims is not None and len(dims) == 1:  # a vector: its length is its content's
+            dims = (sympy.Integer(len(content)),)
+        if dims is None or any(d is None or not d.is_Integer for d in dims):
+            return None
+        shape = tuple(int(d) for d in dims)
+        if math.prod(shape) != len(content):
+            return None
+        shapes.append(shape)
+    try:
+        result = np.broadcast_shapes(*shapes)
+    except ValueError:
+        return None
+    if math.prod(result) > MAX_CONTENT:
+        return None
+    grids = np.broadcast_arrays(*(np.arange(len(c)).reshape(shape) for c, shape in zip(contents, shapes)))
+    return list(zip(*(grid.reshape(-1).tolist() for grid in grids)))
 
 
 def _safe(fn: Callable[..., Expr | None], node: ir.Node, *args: Expr) -> Expr | None:
@@ -300,7 +348,8 @@ def _div(node: ir.Node, a: Expr, b: Expr) -> Expr | None:
     if _is_float(node):
         return a / b
     if a.is_Integer and b.is_Integer:
-        return sympy.Integer(int(int(a) / int(b)))  # ONNX integer Div truncates
+        quotient = abs(int(a)) // abs(int(b))  # ONNX integer Div truncates toward zero
+        return sympy.Integer(quotient if (int(a) < 0) == (int(b) < 0) else -quotient)
     if a.is_nonnegative and b.is_positive:
         return sympy.floor(a / b)
     return None
@@ -358,7 +407,19 @@ def _c_cast(s: SymbolicShapes, node: ir.Node) -> Content | None:
         return None
     if target == ir.DataType.BOOL:
         return tuple(None if e is None else _truth(sympy.Ne(e, 0)) for e in content)
+    if target in _INT_TYPES:  # float to integer truncates toward zero
+        return tuple(None if e is None else _truncate(e) for e in content)
     return content
+
+
+def _truncate(expr: Expr) -> Expr | None:
+    if expr.is_integer:
+        return expr
+    if expr.is_nonnegative:
+        return sympy.floor(expr)
+    if expr.is_nonpositive:
+        return sympy.ceiling(expr)
+    return None
 
 
 def _c_gather(s: SymbolicShapes, node: ir.Node) -> Content | None:
@@ -389,11 +450,23 @@ def _c_concat(s: SymbolicShapes, node: ir.Node) -> Content | None:
     parts = [s.content(v) for v in node.inputs]
     if any(p is None for p in parts):
         return None
+    # Joining flattened contents is the concatenation only when every dim before the axis is
+    # 1 (vectors, or [1, n] rows joined along axis 1); otherwise the elements interleave.
+    axis = node.attributes.get_int("axis", 0)
+    for value in node.inputs:
+        dims = s.shape(value)
+        if dims is None:
+            return None
+        leading = dims[:axis + len(dims) if axis < 0 else axis]
+        if any(d is None or d != 1 for d in leading):
+            return None
     return tuple(e for p in parts for e in p)
 
 
 def _c_where(s: SymbolicShapes, node: ir.Node) -> Content | None:
     def pick(_node: ir.Node, cond: Expr, a: Expr, b: Expr) -> Expr | None:
+        if not cond.is_Integer:
+            return None
         return a if cond != 0 else b
     return _elementwise(pick)(s, node)
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import onnx_ir as ir
 
 from qeff.contract import BATCH_SIZE, CTX_LEN, FULL_BATCH_SIZE, SEQ_LEN, KVLayout, is_retained_output
-from qeff.passes.infra.base import QeffPass, QeffPassResult
+from qeff.passes.infra.base import INT32_MAX, QeffPass, QeffPassResult
 from qeff.passes.kv.plan import Plan, make_plan, refuse_static_cache
 from qeff.passes.kv.rewrite import apply_plan
 
@@ -25,13 +25,15 @@ logger = logging.getLogger(__name__)
 class KVOptions:
     ctx_len: int | None = dataclasses.field(
         default=None,
-        metadata={"help": "cache length (slots per sequence); required unless a position table implies it"},
+        metadata={"help": "cache length (slots per sequence); required unless a position table implies it",
+                  "min": 1, "max": INT32_MAX},
     )
     continuous_batching: bool = dataclasses.field(
         default=False, metadata={"help": "add a batch_index input; the cache batch dim becomes full_batch_size"}
     )
     full_batch_size: int | None = dataclasses.field(
-        default=None, metadata={"help": "cache rows with continuous batching (recorded for the compiler)"}
+        default=None, metadata={"help": "cache rows with continuous batching (recorded for the compiler)",
+                                "min": 1, "max": INT32_MAX}
     )
     kv_dtype: Literal["float32", "float16"] = dataclasses.field(
         default="float32", metadata={"help": "dtype of the cache inputs/outputs"}
@@ -40,10 +42,12 @@ class KVOptions:
         default="last", metadata={"help": "logits of the last valid token only, or of every token"}
     )
     sliding_window: int | None = dataclasses.field(
-        default=None, metadata={"help": "attend only to the last N positions (Mistral-style); none = full"}
+        default=None, metadata={"help": "attend only to the last N positions (Mistral-style); none = full",
+                                "min": 1, "max": INT32_MAX}
     )
     prefill_len: int = dataclasses.field(
-        default=32, metadata={"help": "seq_len of the prefill specialization suggested in the manifest"}
+        default=32, metadata={"help": "seq_len of the prefill specialization suggested in the manifest",
+                              "min": 1, "max": INT32_MAX}
     )
 
 
@@ -57,7 +61,8 @@ class KVPass(QeffPass):
        cache inputs ``[batch, n_kv, ctx_len, head_dim]`` at slot ``position_id``; the result is
        output as the matching retained-state output and read back (repeated to all heads) by a new
        core ``softmax(where(c <= p, q·kᵀ·scale + bias, min)) · v``. Pads (``position_id < 0``)
-       write back the old value of a slot no valid token of their row writes.
+       repeat their row's last valid write (same slot, same K/V), or write slot 0's old value
+       back when the row has none, so duplicate writes are identical in any order.
     2. The mask comes from ``position_ids`` alone; ``attention_mask`` is removed and any
        ``Shape(attention_mask)`` left (dynamo builds reshape targets from it) reads
        ``input_ids`` instead, which has the same shape.

@@ -131,6 +131,61 @@ def _find_input(graph: ir.Graph, name: str) -> ir.Value | None:
     return next((v for v in graph.inputs if v.name == name), None)
 
 
+def _describe_source(value: ir.Value) -> str:
+    """What a value is, for a refusal: an initializer with its type, or the node producing it."""
+    if value.is_initializer():
+        tensor = value.const_value
+        dims = list(tensor.shape) if tensor is not None else list(value.shape or [])
+        dtype = tensor.dtype if tensor is not None else value.dtype
+        return f"an initializer ({dtype.name if dtype is not None else 'unknown type'} {dims})"
+    producer = value.producer()
+    if producer is not None:
+        label = f" {producer.name!r}" if producer.name else ""
+        return f"the output of {producer.op_type} node{label}"
+    return "a value that is not a graph input"
+
+
+def _step_inputs(graph: ir.Graph) -> dict[str, ir.Value | None]:
+    """input_ids, position_ids and attention_mask, each a graph input or None; refuses one
+    that the graph holds some other way.
+
+    The rewritten model takes these per step: position_ids places every token in the cache
+    and builds the mask, attention_mask is dropped in favour of it. A constant in their place
+    (an initializer, a ``Constant``, a graph input with an initializer default) has fixed
+    every step's positions or padding at export time, which the cache cannot reproduce, and
+    the new input would take the constant's name.
+    """
+    found: dict[str, ir.Value | None] = {}
+    inputs = {v.name: v for v in graph.inputs}
+    for name in (INPUT_IDS, POSITION_IDS, ATTENTION_MASK):
+        value = inputs.get(name)
+        if value is not None and value.is_initializer():
+            raise _fail(f"{name} is a graph input with a constant default, {_describe_source(value)}",
+                        f"export the model with {name} as a plain input, without an initializer of that name")
+        if value is None:
+            other = graph.initializers.get(name)
+            if other is None:
+                other = next((out for node in ir.traversal.RecursiveGraphIterator(graph)
+                              for out in node.outputs if out.name == name), None)
+            if other is not None:
+                why = ("a mask fixed at export time cannot be replaced by the position mask"
+                       if name == ATTENTION_MASK else f"the cached model takes {name} from the caller at every step")
+                raise _fail(f"{name} is {_describe_source(other)}, not a graph input",
+                            f"{why}; export the model with {name} as an input")
+        found[name] = value
+    position_ids = found[POSITION_IDS]
+    if position_ids is not None:
+        if position_ids.dtype is not None and position_ids.dtype != ir.DataType.INT64:
+            raise _fail(f"position_ids is {position_ids.dtype.name}, not INT64",
+                        "the cache slots are indexed with int64; export position_ids as int64")
+    for name in (INPUT_IDS, POSITION_IDS):
+        value = found[name]
+        if value is not None and value.shape is not None and len(value.shape) != 2:
+            raise _fail(f"{name} has rank {len(value.shape)} ({list(value.shape)}), not [batch, seq]",
+                        "kv rewrites text decoders whose inputs are [batch, seq]")
+    return found
+
+
 def _lm_head(logits: ir.Value) -> tuple[ir.Node | None, list[ir.Value]]:
     """The MatMul whose output reaches ``logits`` through per-token ops only, and the values
     on that path (lm_head output first)."""
@@ -187,11 +242,10 @@ def _removed_inputs(attention_mask: ir.Value | None, layers: list[Layer], dynami
 
 def make_plan(model: ir.Model, options: KVOptions) -> Plan:
     graph = model.graph
-    input_ids = _find_input(graph, INPUT_IDS)
+    step = _step_inputs(graph)
+    input_ids, position_ids, attention_mask = step[INPUT_IDS], step[POSITION_IDS], step[ATTENTION_MASK]
     if input_ids is None:
         raise _fail("the model has no input_ids input", "kv works on causal-LM exports (input_ids → logits)")
-    position_ids = _find_input(graph, POSITION_IDS)
-    attention_mask = _find_input(graph, ATTENTION_MASK)
     logits = next((v for v in graph.outputs if v.name == LOGITS), graph.outputs[0] if graph.outputs else None)
     if logits is None:
         raise _fail("the model has no outputs")
@@ -249,7 +303,7 @@ def make_plan(model: ir.Model, options: KVOptions) -> Plan:
     if ctx_len is None:
         raise PassOptionError("kv needs ctx_len (how many tokens the cache holds)",
                               "pass --ctx-len N or kv:ctx_len=N")
-    if ctx_len < 1:
+    if ctx_len < 1:  # a given ctx_len is bounded by its option; this is a table with no rows
         raise PassOptionError(f"kv: ctx_len={ctx_len} must be positive")
     if table_rows is not None and ctx_len > table_rows:
         raise PassOptionError(f"kv: ctx_len={ctx_len} exceeds the model's position table ({table_rows} positions)",
@@ -258,8 +312,6 @@ def make_plan(model: ir.Model, options: KVOptions) -> Plan:
     if isinstance(seq_dim, int) and seq_dim > ctx_len:
         raise PassOptionError(f"kv: ctx_len={ctx_len} is smaller than the model's fixed sequence length {seq_dim}",
                               f"use ctx_len >= {seq_dim}")
-    if options.sliding_window is not None and options.sliding_window < 1:
-        raise PassOptionError("kv: sliding_window must be positive")
 
     # What survives the rewrite must not need attention_mask (except its shape) or the past.
     substitutes = {}

@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class MXINT8KVOptions:
-    block: int = dataclasses.field(default=32, metadata={"help": "elements per block along head_dim"})
+    # Bounded like the weight passes' block (1..2**16): a block longer than head_dim is one block.
+    block: int = dataclasses.field(default=32, metadata={"help": "elements per block along head_dim",
+                                                         "min": 1, "max": 1 << 16})
     scale: Literal["ocp", "ocp_plus1"] = dataclasses.field(default="ocp", metadata={
         "help": "shared exponent floor(log2 amax), or one more (see DESIGN §3.4)"})
 

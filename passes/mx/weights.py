@@ -16,7 +16,6 @@ import numpy as np
 import onnx_ir as ir
 
 from qeff.common.progress import bytes_progress
-from qeff.errors import PassOptionError
 from qeff.passes.infra.base import QeffPass, QeffPassResult
 from qeff.passes.ir.builder import unique_name
 from qeff.passes.mx.formats import ElementFormat, element_format
@@ -25,9 +24,15 @@ from qeff.passes.mx.stream import WeightError, quantize_tensor
 logger = logging.getLogger(__name__)
 
 
+# The OCP MX formats use 32; a block beyond this would only make the streamed chunks (whole
+# blocks at a time) huge, and no format uses one.
+MAX_BLOCK = 1 << 16
+
+
 @dataclasses.dataclass(frozen=True)
 class MXWeightOptions:
-    block: int = dataclasses.field(default=32, metadata={"help": "elements per block along the reduction axis"})
+    block: int = dataclasses.field(default=32, metadata={"help": "elements per block along the reduction axis",
+                                                         "min": 1, "max": MAX_BLOCK})
     rounding: Literal["even", "nearest"] = dataclasses.field(default="even", metadata={
         "help": "ties to even, or away from zero"})
     scale: Literal["ocp", "ocp_plus1"] = dataclasses.field(default="ocp", metadata={
@@ -36,7 +41,8 @@ class MXWeightOptions:
         "help": "mxint8 codes ±127, or -128..127"})
     skip: tuple[str, ...] = dataclasses.field(default=(), metadata={
         "help": "glob patterns of weight names to leave alone, separated by |"})
-    min_size: int = dataclasses.field(default=0, metadata={"help": "leave weights with fewer elements alone"})
+    min_size: int = dataclasses.field(default=0, metadata={"help": "leave weights with fewer elements alone",
+                                                           "min": 0, "max": 2**63 - 1})
     keep_lm_head: bool = dataclasses.field(default=False, metadata={
         "help": "leave the weight of the MatMul that produces the logits alone"})
 
@@ -134,10 +140,6 @@ class MXWeightPass(QeffPass):
     compiler_flag: ClassVar[str | None] = None
     lossy = True
     Options = MXWeightOptions
-
-    def requires(self, model: ir.Model) -> None:
-        if self.options.block < 1:
-            raise PassOptionError(f"{self.name}: block={self.options.block} must be at least 1", "e.g. block=32")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         options = self.options
