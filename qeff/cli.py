@@ -177,6 +177,7 @@ def run_opt(
     external_data: Optional[bool],
     quiet: bool,
     plot: Optional[Path] = None,
+    link_data: bool = False,
 ) -> None:
     from qeff.optimizer import optimize
     from qeff.passes import default_output_path
@@ -206,6 +207,7 @@ def run_opt(
         tolerance=tolerance,
         report_path=report,
         external_data=external_data,
+        link_data=link_data,
         progress=not quiet,
     )
     weight_errors = {r.name: r.details["weights"] for r in result.report.passes
@@ -265,6 +267,12 @@ def qeff_opt(
     external_data: Optional[bool] = typer.Option(
         None, "--external-data/--no-external-data", help="weights in a .data file (default: as the input, or when > 1 GiB)"
     ),
+    link_data: bool = typer.Option(
+        False, "--link-data",
+        help="share the input's unchanged weights with the output by hard-linking its data file instead of "
+             "copying it (same file system; saves the copy's time and disk). Risk: both names are then one "
+             "file, so writing into it in place changes the input and the output alike (replacing or "
+             "deleting either name does not)"),
     list_passes: bool = typer.Option(False, "--list-passes", help="list passes and their options, then exit"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing on success"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and debug logs"),
@@ -274,7 +282,7 @@ def qeff_opt(
     if list_passes:
         print_pass_list()
         return
-    run_opt(model, passes, output, ctx_len, verify, tolerance, report, external_data, quiet, plot)
+    run_opt(model, passes, output, ctx_len, verify, tolerance, report, external_data, quiet, plot, link_data)
 
 
 def opt_main() -> None:

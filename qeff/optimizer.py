@@ -44,6 +44,7 @@ def optimize(
     report_path: str | os.PathLike | None = None,
     overrides: dict[str, str] | None = None,
     external_data: bool | None = None,
+    link_data: bool = False,
     progress: bool = False,
 ) -> PipelineResult:
     """Run ``passes`` on ``model`` and (when ``output`` is given) write the result atomically.
@@ -54,10 +55,14 @@ def optimize(
     :func:`qeff.verify.verify_pipeline`) and a difference above ``tolerance`` raises
     :class:`VerificationError` (the output is then not written). Every path is checked before
     any work: the output and the report may not be an input file, its data or its manifest, or
-    each other.
+    each other. ``link_data`` shares the input's unchanged weights with the output through a
+    hard link to its data file instead of copying them (see ``qeff-opt --help``).
     """
     input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     _check_tolerance(tolerance)
+    if link_data and external_data is False:
+        raise QeffError("--link-data shares the input's data file and --no-external-data asks for none",
+                        "drop one of the two")
     pipeline = resolve_passes(passes, overrides)
     ir_model = as_ir_model(model)
     if ir_model is model:
@@ -85,7 +90,7 @@ def optimize(
             StagedModel(as_ir_model(model), reference).commit()
         if output is not None:
             staged = StagedModel(result.model, output, external_data=external_data, progress=progress,
-                                 protected=protected)
+                                 protected=protected, link_data=link_data)
         elif verify:
             staged = StagedModel(result.model, Path(scratch) / "candidate.onnx")
         else:

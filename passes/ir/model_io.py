@@ -298,6 +298,7 @@ class StagedModel:
         external_data: bool | None = None,
         progress: bool = False,
         protected: set[Path] = frozenset(),
+        link_data: bool = False,
     ) -> None:
         self.destination = Path(destination)
         if external_data is None:
@@ -306,28 +307,24 @@ class StagedModel:
             )
         self.external_data = external_data
         self.data_name = unique_data_name(self.destination) if external_data else None
+        self.data_names: list[str] = []  # every data file the staged model reads
         self.protected = set(protected)
         self._staging = Staging(self.destination)
         self.path = self._staging.path
         try:
             if external_data:
-                _save_external(model, self.path, self.data_name, progress)
+                self.data_names = _save_external(model, self.path, self.data_name, progress, link_data)
             else:
                 ir.save(model, self.path)
         except BaseException:
             self.discard()
             raise
 
-    @property
-    def data_path(self) -> Path | None:
-        return self.destination.with_name(self.data_name) if self.data_name else None
-
     def commit(self, companions: Sequence[str] = ()) -> Path:
-        keep = self.protected | ({self.data_path} if self.data_path else set())
+        keep = self.protected | {self.destination.with_name(n) for n in self.data_names}
         obsolete = replaced_data_files(self.destination, keep=keep)
-        self._staging.commit(companions=[*([self.data_name] if self.data_name else []), *companions],
-                             obsolete=obsolete)
-        logger.info("saved %s (external data: %s)", self.destination, self.data_name or "none")
+        self._staging.commit(companions=[*self.data_names, *companions], obsolete=obsolete)
+        logger.info("saved %s (external data: %s)", self.destination, ", ".join(self.data_names) or "none")
         return self.destination
 
     def discard(self) -> None:
@@ -361,25 +358,33 @@ INLINE_THRESHOLD_BYTES = 256
 _COPY_CHUNK = 64 << 20
 
 
-def _save_external(model: ir.Model, path: Path, data_name: str, progress: bool) -> None:
-    """Write weights to ``data_name`` beside ``path`` and the graph to ``path``.
+def _save_external(model: ir.Model, path: Path, data_name: str, progress: bool, link_data: bool = False) -> list[str]:
+    """Write weights to ``data_name`` beside ``path`` and the graph to ``path``; returns the
+    names of the data files the saved model reads.
 
     Weights that still live in an input data file are copied range by range inside the kernel
     (``os.copy_file_range``), as a plain file copy would, so they never pass through Python
     memory; weights a pass rewrote are written one tensor at a time (a lazy one, such as an MX
-    weight, chunk by chunk). The model's own tensors
-    are swapped for references into the new file only while the graph is serialised.
+    weight, chunk by chunk). With ``link_data`` an input data file is instead hard-linked beside
+    the output under a name of this save, and the weights it holds are referenced there, not
+    copied (on another file system, where no link can be made, they are copied). The model's
+    own tensors are swapped for references into the new files only while the graph is
+    serialised.
     """
     values = [v for g in model.graphs() for v in g.initializers.values() if v.const_value is not None]
     external = [v for v in values if v.const_value.nbytes > INLINE_THRESHOLD_BYTES]
-    total = sum(v.const_value.nbytes for v in external)
     originals = {v: v.const_value for v in values}
     for value in values:
         # A small weight that lives in some data file goes inline, as it would from memory.
         if value.const_value.nbytes <= INLINE_THRESHOLD_BYTES and isinstance(value.const_value, ir.ExternalTensor):
             value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
     sources: dict[str, int] = {}
+    names: list[str] = []
     try:
+        if link_data:
+            linked = _link_sources(external, path, names)
+            external = [v for v in external if v not in linked]
+        total = sum(v.const_value.nbytes for v in external)
         with bytes_progress(total, "writing weights", progress) as advance, open(path.parent / data_name, "wb") as out:
             offset = 0
             for value in external:
@@ -397,12 +402,46 @@ def _save_external(model: ir.Model, path: Path, data_name: str, progress: bool) 
                 )
                 offset += length
                 advance(length)
+        if external:
+            names.append(data_name)
+        else:
+            (path.parent / data_name).unlink()
         ir.save(model, path)
     finally:
         for value, tensor in originals.items():
             value.const_value = tensor
         for fd in sources.values():
             os.close(fd)
+    return names
+
+
+def _link_sources(external: list[ir.Value], path: Path, names: list[str]) -> set[ir.Value]:
+    """Hard-link each input data file that unchanged weights live in beside ``path`` and point
+    those weights at the link; returns the values now referenced there."""
+    links: dict[Path, str | None] = {}
+    done: set[ir.Value] = set()
+    for value in external:
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        source = Path(tensor.path).resolve()
+        if source not in links:
+            name = unique_data_name(path)
+            try:
+                os.link(source, path.parent / name)
+            except OSError as e:  # another file system, or links not allowed: copy instead
+                logger.info("cannot link %s beside the output (%s); copying its weights", source, e)
+                links[source] = None
+            else:
+                links[source] = name
+                names.append(name)
+        if links[source] is not None:
+            value.const_value = ir.ExternalTensor(
+                links[source], tensor.offset, tensor.length, tensor.dtype,
+                shape=tensor.shape, name=value.name, base_dir=path.parent,
+            )
+            done.add(value)
+    return done
 
 
 def _copy_range(tensor: ir.ExternalTensor, out: Any, sources: dict[str, int]) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 
 import numpy as np
@@ -9,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from qeff.errors import ModelLoadError, OutputPathError
+from qeff.errors import ModelLoadError, OutputPathError, QeffError
 from qeff.optimizer import optimize
 from qeff.passes import as_ir_model, load_model, save_model
 from qeff.passes.ir import model_io
@@ -204,3 +205,62 @@ def test_external_save_mixes_copied_and_rewritten_weights(tmp_path):
     np.testing.assert_array_equal(reloaded.graph.initializers["w2"].const_value.numpy(), 2 * w2)
     x = rng.standard_normal((2, 64)).astype(np.float32)
     np.testing.assert_allclose(run(out, {"x": x})["y"], x @ w1 @ (2 * w2), rtol=1e-4, atol=1e-4)
+
+
+def _referenced(model_path):
+    proto = onnx.load(str(model_path), load_external_data=False)
+    return {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+
+
+def test_link_data_shares_the_input_file_instead_of_copying(tmp_path):
+    rng = np.random.default_rng(9)
+    w1 = rng.standard_normal((64, 64)).astype(np.float32)
+    w2 = rng.standard_normal((64, 64)).astype(np.float32)
+    src = save_model(as_ir_model(parse(TWO_MATMULS, {"w1": w1, "w2": w2})), tmp_path / "m.onnx", external_data=True)
+    source_data = data_file(src)
+    before = _digest(src, source_data)
+    out = optimize(src, "cleanup", tmp_path / "o.onnx", link_data=True).output
+    (linked,) = _referenced(out)
+    assert os.stat(tmp_path / linked).st_ino == os.stat(source_data).st_ino  # one file, two names
+    assert _digest(src, source_data) == before
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})["y"], x @ w1 @ w2, rtol=1e-4, atol=1e-4)
+    # Deleting the input keeps the output whole: the link is a name of its own.
+    src.unlink()
+    source_data.unlink()
+    np.testing.assert_allclose(run(out, {"x": x})["y"], x @ w1 @ w2, rtol=1e-4, atol=1e-4)
+
+
+def test_link_data_writes_rewritten_weights_to_a_new_file(tmp_path):
+    rng = np.random.default_rng(10)
+    w1 = rng.standard_normal((64, 64)).astype(np.float32)
+    w2 = rng.standard_normal((64, 64)).astype(np.float32)
+    src = save_model(as_ir_model(parse(TWO_MATMULS, {"w1": w1, "w2": w2})), tmp_path / "m.onnx", external_data=True)
+    copied = optimize(src, "mxfp6:skip=w1", tmp_path / "c.onnx").output
+    linked = optimize(src, "mxfp6:skip=w1", tmp_path / "l.onnx", link_data=True).output
+    files = _referenced(linked)
+    assert len(files) == 2  # the link (w1, unchanged) and the new file (w2, quantized)
+    inodes = {os.stat(tmp_path / f).st_ino for f in files}
+    assert os.stat(data_file(src)).st_ino in inodes
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_array_equal(run(linked, {"x": x})["y"], run(copied, {"x": x})["y"])
+
+
+def test_link_data_copies_where_no_link_can_be_made(tmp_path, monkeypatch):
+    src, w = _external_model(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(model_io.os, "link", refuse)
+    out = optimize(src, "cleanup", tmp_path / "o.onnx", link_data=True).output
+    assert os.stat(data_file(out)).st_ino != os.stat(data_file(src)).st_ino
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})["y"], x @ w, rtol=1e-5)
+
+
+def test_link_data_without_external_data_is_refused(tmp_path):
+    src, _ = _external_model(tmp_path)
+    with pytest.raises(QeffError, match="--link-data"):
+        optimize(src, "cleanup", tmp_path / "o.onnx", link_data=True, external_data=False)
+    assert not (tmp_path / "o.onnx").exists()
