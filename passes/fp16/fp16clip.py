@@ -20,7 +20,7 @@ from qeff.common.progress import bytes_progress
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 1 << 24  # elements per read when scanning a large initializer
+_CHUNK = 1 << 20  # elements per read when scanning a large initializer (float64 temporaries: 8 MB each)
 
 
 @dataclasses.dataclass(frozen=True)
