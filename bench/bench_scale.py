@@ -671,6 +671,39 @@ def _agreement(a: list[int], b: list[int]) -> dict[str, Any]:
             "first_difference": first if first is not None or len(a) == len(b) else n}
 
 
+# What a decode step must read at least once: every weight. A memory copy of a buffer far larger
+# than the caches is the physical limit of that read on this machine (it reads and writes each
+# byte once, so streaming only reads can go somewhat faster than the copy rate).
+COPY_PROBE_BYTES = 512 << 20
+
+
+def copy_bandwidth(nbytes: int = COPY_PROBE_BYTES, repeats: int = 5) -> float:
+    """Bytes per second of the best of ``repeats`` copies of an ``nbytes`` buffer (numpy)."""
+    source = np.ones(nbytes // 4, np.float32)
+    target = np.empty_like(source)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+def weight_streaming(results: dict[str, Any], bandwidth: float) -> dict[str, Any]:
+    """Weight bytes read per second by each decode (tokens/s times the model's weight bytes:
+    the fp32 kv model for Hugging Face and ``run-kv``, the rewritten model for ``run-mxfp6``)
+    against the measured copy bandwidth."""
+    g = results.get("generation") or {}
+    written = {row["stage"]: row["bytes_written"] for row in results["stages"] if row["status"] == "ok"}
+    out: dict[str, Any] = {"copy_gb_per_s": bandwidth / GB}
+    for key, stage in (("hf", "opt-kv"), ("kv", "opt-kv"), ("mxfp6", "opt")):
+        rate, size = g.get(f"{key}_decode_tokens_per_s"), written.get(stage)
+        if rate and size:
+            out[f"{key}_weights_gb_per_s"] = rate * size / GB
+            out[f"{key}_of_copy_bandwidth"] = rate * size / bandwidth
+    return out
+
+
 def compare_generation(work: Path) -> dict[str, Any] | None:
     hf = _tokens(work, "hf-generate", "generate.json")
     kv = _tokens(work, "run-kv", "run.json")
@@ -775,6 +808,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if done not in later and done not in ("hf-generate", "run-kv", "run-mxfp6", "compile"):
                         remove_artifact(work, done)
         results["generation"] = compare_generation(work)
+        if results["generation"]:
+            results["weight_streaming"] = weight_streaming(results, copy_bandwidth())
         results["peak_disk_gb"] = max((r["disk_gb"] or 0 for r in results["stages"]), default=0)
     return results
 
@@ -801,6 +836,13 @@ def print_table(r: dict[str, Any]) -> None:
         rate = lambda x: f"{x:.2f} tok/s" if x else "-"  # noqa: E731
         print(f"decode: Hugging Face {rate(g['hf_decode_tokens_per_s'])}, qeff run kv {rate(g['kv_decode_tokens_per_s'])}, "
               f"qeff run mxfp6 pipeline {rate(g['mxfp6_decode_tokens_per_s'])}")
+        w = r.get("weight_streaming") or {}
+        if w:
+            streams = ", ".join(f"{name} {w[f'{key}_weights_gb_per_s']:.1f} GB/s ({w[f'{key}_of_copy_bandwidth']:.0%})"
+                                for key, name in (("hf", "Hugging Face"), ("kv", "qeff run kv"),
+                                                  ("mxfp6", "qeff run mxfp6"))
+                                if f"{key}_weights_gb_per_s" in w)
+            print(f"weights read per second of decode: {streams or '-'}; memory copy {w['copy_gb_per_s']:.1f} GB/s")
         for key, what in (("kv_vs_hf", "kv model vs Hugging Face"), ("mxfp6_vs_hf", "mxfp6 pipeline vs Hugging Face"),
                           ("mxfp6_vs_kv", "mxfp6 pipeline vs kv model")):
             a = g[key]

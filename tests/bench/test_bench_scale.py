@@ -133,6 +133,10 @@ def test_tiny_end_to_end(tmp_path):
     assert gen["hf_distinct_tokens"] > 1  # the comparison is not between two constant streams
     assert gen["kv_decode_tokens_per_s"] > 0 and gen["hf_decode_tokens_per_s"] > 0
     assert gen["mxfp6_vs_hf"] is not None
+    streaming = results["weight_streaming"]
+    kv_bytes = next(r["bytes_written"] for r in rows if r["stage"] == "opt-kv")
+    assert streaming["copy_gb_per_s"] > 0.1
+    assert streaming["kv_weights_gb_per_s"] * 2**30 == pytest.approx(gen["kv_decode_tokens_per_s"] * kv_bytes)
     # Without --keep, the models are gone once no later stage reads them.
     for folder in ("checkpoint", "export", "opt", "opt-kv"):
         assert not (work / folder).exists(), folder
