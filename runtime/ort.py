@@ -74,15 +74,23 @@ def _embedding_rows(model: str | os.PathLike | bytes) -> int | None:
 
 
 class OrtSession(Session):
-    """``OrtSession(model, ctx_len=None, full_batch_size=None, providers=None)``.
+    """``OrtSession(model, ctx_len=None, full_batch_size=None, providers=None, prepack=False)``.
 
     ``model`` is a path or serialized bytes (e.g. an fp16 simulation). ``ctx_len`` and
     ``full_batch_size`` size the cache when the model leaves them symbolic (the manifest beside
     a model file supplies them when present).
+
+    The weights of a model file are memory-mapped by onnxruntime from the external-data file
+    and, with ``prepack`` False (the default), used in place: one copy of the weights, in the
+    page cache, shared by every session on the model, and faster decode steps (a one-row MatMul
+    gains nothing from packed weights). ``prepack=True`` copies each MatMul weight into
+    onnxruntime's packed layout, which speeds up long prefills at the cost of a private copy
+    of every weight.
     """
 
     def __init__(self, model: str | os.PathLike | bytes, *, ctx_len: int | None = None,
-                 full_batch_size: int | None = None, providers: Sequence[str] | None = None) -> None:
+                 full_batch_size: int | None = None, providers: Sequence[str] | None = None,
+                 prepack: bool = False) -> None:
         import onnxruntime as ort
 
         # Checked before the model loads: a bad size would otherwise surface only at the first
@@ -92,7 +100,7 @@ class OrtSession(Session):
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self._session = onnxruntime_session(model if isinstance(model, bytes) else os.fspath(model), list(providers),
-                                            purpose=" for OrtSession")
+                                            purpose=" for OrtSession", prepack=prepack)
         self.inputs = _specs(self._session.get_inputs())
         self.outputs = _specs(self._session.get_outputs())
         self.specializations = []

@@ -18,13 +18,14 @@ from qeff.runtime.session import Session
 
 
 def open_session(target: str | os.PathLike, *, ctx_len: int | None = None, full_batch_size: int | None = None,
-                 device_id: int = 0) -> Session:
-    """An OrtSession for an ``.onnx`` file, an AicSession for a compile folder or QPC."""
+                 device_id: int = 0, prepack: bool = False) -> Session:
+    """An OrtSession for an ``.onnx`` file (``prepack``: see :class:`OrtSession`), an
+    AicSession for a compile folder or QPC."""
     path = Path(target)
     if path.is_file() and path.suffix == ".onnx":
         from qeff.runtime.ort import OrtSession
 
-        return OrtSession(path, ctx_len=ctx_len, full_batch_size=full_batch_size)
+        return OrtSession(path, ctx_len=ctx_len, full_batch_size=full_batch_size, prepack=prepack)
     if path.is_dir() or path.name == "programqpc.bin":
         from qeff.runtime.aic import AicSession
 

@@ -16,11 +16,14 @@ from qeff.errors import VerificationError
 
 def onnxruntime_session(model: str | os.PathLike | bytes, providers: Sequence[str] | None = None, *,
                         purpose: str = "", hint: str | None = None, optimize: bool = True,
-                        threads: int | None = None):
+                        threads: int | None = None, prepack: bool = True):
     """An onnxruntime ``InferenceSession`` (warnings silenced).
 
     ``optimize=False`` turns graph optimisations off, for graphs whose every node must run as
     written (the fp16 simulation's rounding casts); ``threads`` caps the intra-op threads.
+    ``prepack=False`` keeps MatMul weights where onnxruntime maps them from the external-data
+    file instead of copying each into a packed buffer: the weights then live once, in the page
+    cache, and a one-row MatMul (a decode step) does not use the packing anyway.
     """
     import onnxruntime as ort
 
@@ -33,6 +36,8 @@ def onnxruntime_session(model: str | os.PathLike | bytes, providers: Sequence[st
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
