@@ -6,6 +6,7 @@ __all__ = ["FP16ClipPass", "FP16ClipOptions"]
 
 import dataclasses
 import logging
+import os
 from typing import Any, Literal
 
 import numpy as np
@@ -118,10 +119,36 @@ def _finite_peak(array: np.ndarray) -> float:
     return peak
 
 
+def _external_peak(tensor: ir.ExternalTensor) -> float:
+    """The largest finite magnitude of an external tensor, read from its file chunk by chunk.
+
+    Reading it through a mapping of the whole tensor would leave every scanned page resident
+    until the tensor is released: an 8B model's 2 GB embedding would then count in full."""
+    dtype = tensor.dtype.numpy()
+    start = tensor.offset or 0
+    length = tensor.length if tensor.length is not None else os.path.getsize(tensor.path) - start
+    step = _CHUNK * dtype.itemsize
+    peak = 0.0
+    fd = os.open(tensor.path, os.O_RDONLY)
+    try:
+        for position in range(start, start + length, step):
+            data = os.pread(fd, min(step, start + length - position), position)
+            if len(data) % dtype.itemsize:
+                raise ValueError(f"the data of {tensor.name!r} ends inside an element: the file is truncated")
+            peak = max(peak, _finite_peak(np.frombuffer(data, dtype)))
+    finally:
+        os.close(fd)
+    return peak
+
+
 def _clip(tensor: ir.TensorProtocol) -> tuple[str, ir.Tensor] | None:
     """(old peak, clipped tensor) when a float tensor has finite values beyond ±65504."""
     if not tensor.dtype.is_floating_point() or tensor.dtype == ir.DataType.FLOAT16:
         return None
+    if isinstance(tensor, ir.ExternalTensor):
+        # Most weights need no clip: those are scanned without ever being mapped.
+        if _external_peak(tensor) <= FP16_MAX:
+            return None
     array = tensor.numpy()
     peak = _finite_peak(array)
     if peak <= FP16_MAX:

@@ -55,6 +55,36 @@ def test_constants_are_clipped_and_infinities_kept():
     np.testing.assert_array_equal(constant, [65504.0, -65504.0, 2.0])
 
 
+def test_external_weights_are_scanned_from_the_file_in_chunks(tmp_path, monkeypatch):
+    from qeff.passes import as_ir_model, save_model
+    from qeff.passes.fp16 import fp16clip
+
+    rng = np.random.default_rng(0)
+    fine = rng.standard_normal((300, 7)).astype(np.float32)
+    large = rng.standard_normal((300, 7)).astype(np.float32)
+    large[123, 4], large[299, 6] = 1e6, -np.inf  # one value past fp16's range, in a late chunk
+    proto = _model(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[2, 300] x) => (float[2, 7] y) { a = MatMul(x, fine)  b = MatMul(x, large)  y = Add(a, b) }""",
+        {"fine": fine, "large": large},
+    )
+    path = save_model(as_ir_model(proto), tmp_path / "m.onnx", external_data=True)
+    model = ir.load(path)
+    assert all(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    # Chunks of 100 elements: the value past the range sits in the 9th of 21 chunks.
+    monkeypatch.setattr(fp16clip, "_CHUNK", 100)
+    mapped = []
+    real_numpy = ir.ExternalTensor.numpy
+    monkeypatch.setattr(ir.ExternalTensor, "numpy", lambda self: mapped.append(self.name) or real_numpy(self))
+    clip = FP16ClipPass()(model)
+    assert clip.details["constants_clipped"] == {"large": "1e+06"}
+    assert mapped == ["large"]  # only the tensor that changes is read whole
+    want = large.copy()
+    want[123, 4] = 65504.0
+    np.testing.assert_array_equal(model.graph.initializers["large"].const_value.numpy(), want)
+    np.testing.assert_array_equal(model.graph.initializers["fine"].const_value.numpy(), fine)
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_plain_export_masks(tiny_export, tmp_path, attn, exporter):
