@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
 import os
 import warnings
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from qeff.common.atomic import Staging, unique_data_name
 from qeff.common.datafiles import relink_data, replaced_data_files
 from qeff.errors import ExportError
@@ -33,6 +35,7 @@ from ._messages import exception_reason
 from .inputs import padded_batch
 
 if TYPE_CHECKING:  # pragma: no cover
+    import onnx_ir as ir
     import torch
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,15 @@ DYNAMO_MIN_OPSET = 18
 # does not choose: protobuf cannot serialise more than 2 GiB, and loading a 1 GiB protobuf already
 # costs several times its size in memory (see notes/export.md §6), while external data is mmap'd.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+# The largest parameter (in elements) whose values the TorchScript export computes with when it
+# folds constants: onnxscript's default input size limit, which the dynamo export folds with.
+# The streaming export loads parameters up to this size and never reads the larger ones.
+FOLD_INPUT_LIMIT = 8192
+# Ops whose result is not a function of their inputs: never folded.
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                         "Bernoulli", "Dropout"})
+# protobuf refuses to serialise a message of 2 GiB or more.
+_PROTOBUF_LIMIT = 1 << 31
 
 # Example input used to trace the model. Row 1 is right-padded so that tracing goes through the
 # padding-mask code. transformers can skip building the mask for an all-ones mask outside of
@@ -220,67 +232,248 @@ def _run_exporter(
     external: bool,
 ) -> None:
     torch, _ = require_torch()
-    common: dict[str, Any] = {
-        "input_names": names,
-        "output_names": ["logits"],
-        "opset_version": opset,
-        "verbose": False,
-    }
-    if exporter == "dynamo":
-        batch = torch.export.Dim("batch")
-        seq = torch.export.Dim("seq")
-        torch.onnx.export(
-            wrapper,
-            example,
-            str(target),
-            dynamo=True,
-            dynamic_shapes={name: {0: batch, 1: seq} for name in names},
-            external_data=external,
-            **common,
-        )
+    if exporter == "torchscript":
+        model = trace_torchscript(wrapper, example, names, opset)
+        fold_torchscript_constants(model)
+        _save_torchscript(model, target, external)
         return
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("seq")
     torch.onnx.export(
         wrapper,
         example,
         str(target),
-        dynamo=False,
-        dynamic_axes={name: {0: "batch", 1: "seq"} for name in [*names, "logits"]},
-        do_constant_folding=True,
-        **common,
+        dynamo=True,
+        input_names=names,
+        output_names=["logits"],
+        opset_version=opset,
+        dynamic_shapes={name: {0: batch, 1: seq} for name in names},
+        external_data=external,
+        verbose=False,
     )
-    _fix_torchscript_external_data(target, external)
 
 
-def _fix_torchscript_external_data(target: Path, external: bool) -> None:
-    """Bring the TorchScript exporter's file layout in line with dynamo's.
+def trace_torchscript(
+    wrapper: torch.nn.Module, example: tuple[torch.Tensor, ...], names: list[str], opset: int | None
+) -> ir.Model:
+    """The TorchScript exporter's graph of ``wrapper``, not yet folded, whose parameters are
+    initializers that view the module's own tensors: no weight is copied or computed on.
 
-    The legacy exporter has no external-data switch: it writes one protobuf, or above 2 GiB one
-    file per tensor. Re-save into the single ``<name>.onnx.data`` layout when asked for, and
-    refuse the scattered layout otherwise.
+    The exporter reads every parameter it knows as one: ``export_params`` serialises them into
+    the protobuf, constant folding computes new tensors from them (a transposed copy of each
+    MatMul weight), its initializer deduplication compares their values, and its shape
+    inference copies those a node reads into a protobuf of that node (several times the
+    largest parameter at once). So it is shown no parameter: the module's state is passed as
+    extra inputs, named after the state dict, which the tracer matches with the tensors the
+    forward pass reads (the same objects); they are bound as initializers here, and
+    :func:`fold_torchscript_constants` does the folding without computing on a weight.
     """
+    torch, _ = require_torch()
     import onnx
+    import onnx_ir as ir
 
-    strays = [p for p in target.parent.iterdir() if p != target]
-    if not external:
-        if strays:
-            raise ExportError(
-                f"the TorchScript exporter wrote {len(strays)} external tensor files",
-                "models over 2 GiB need external_data=True (or leave it unset)",
-            )
-        return
-    model = onnx.load(str(target))  # reads the scattered tensors, if any
-    onnx.save_model(
-        model,
-        str(target),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=target.name + ".data",
-        # onnx's default threshold (1 KiB): scalars and small tables stay inline, as with dynamo.
-        size_threshold=1024,
+    state = _unique_state(wrapper)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        _state_as_inputs(wrapper, len(names)),
+        (*example, *state.values()),
+        buffer,
+        dynamo=False,
+        input_names=[*names, *state],
+        output_names=["logits"],
+        opset_version=opset,
+        dynamic_axes={name: {0: "batch", 1: "seq"} for name in [*names, "logits"]},
+        # The weights are inputs here, so it would fold only the rest: all of it is left to
+        # fold_torchscript_constants, which folds the weights' Transposes too.
+        do_constant_folding=False,
+        verbose=False,
     )
-    for stray in strays:
-        if stray.name != target.name + ".data":
-            stray.unlink()
+    model = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
+    _bind_state(model, state, names)
+    return model
+
+
+def _state_as_inputs(wrapper: torch.nn.Module, count: int) -> torch.nn.Module:
+    """``wrapper`` with no state of its own for the exporter: it is called with the first
+    ``count`` arguments; the others are its state, so that the tracer sees it as inputs."""
+    torch, _ = require_torch()
+
+    class StateAsInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            # The same submodules, so that the nodes are named after the same module scopes.
+            for name, child in wrapper.named_children():
+                self.add_module(name, child)
+            # The exporter puts this module back in its mode afterwards, submodules included.
+            self.train(wrapper.training)
+
+        def forward(self, *args):  # noqa: ANN002, ANN201
+            return wrapper(*args[:count])
+
+        def state_dict(self, *args: Any, destination: Any = None, **kwargs: Any) -> Any:
+            # How the exporter and the tracer find the parameters: they find none.
+            return {} if destination is None else destination
+
+    return StateAsInputs()
+
+
+def _unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict with a tensor shared by several names (tied weights) under its
+    first only, as the exporter names parameters: one graph input per tensor."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            state[name] = tensor
+    return state
+
+
+def _bind_state(model: ir.Model, state: dict[str, torch.Tensor], names: list[str]) -> None:
+    """Turn every graph input beyond ``names`` into an initializer holding the state tensor of
+    that name (a view, not a copy). The folding reads initializers, not graph inputs."""
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    for value in list(model.graph.inputs):
+        if value.name in names:
+            continue
+        tensor = state.get(value.name)
+        if tensor is None:
+            raise ExportError(
+                f"the TorchScript exporter made {value.name!r} an input, but the model has no tensor of that name",
+                "try exporter='dynamo'",
+            )
+        model.graph.inputs.remove(value)
+        value.const_value = TorchTensor(tensor.detach(), name=value.name)
+        model.graph.register_initializer(value)
+
+
+def fold_torchscript_constants(model: ir.Model, *, input_size_limit: int = FOLD_INPUT_LIMIT) -> set[str]:
+    """Fold what the TorchScript exporter's own constant folding would, in place; return the
+    names of the values that show a parameter of more than ``input_size_limit`` elements (its
+    initializer, and what was folded from it).
+
+    A node folds when every input is an initializer or a ``Constant``; its outputs become
+    initializers under their own names, and constants nobody reads any more are removed. Shape
+    arithmetic on the graph inputs stays, as in the exporter's output. A large input is never
+    computed on: the one node reading it that folds is a ``Transpose`` (the weight of a MatMul),
+    into a numpy view of the input's storage, which the streaming export maps back to the
+    checkpoint. So the result does not depend on the values of the large parameters.
+    """
+    import onnx_ir as ir
+
+    opset = model.opset_imports.get("", None)
+    arrays: dict[ir.Value, np.ndarray] = {}
+    large: set[str] = set()
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            arrays[value] = value.const_value.numpy()
+            if arrays[value].size > input_size_limit:
+                large.add(value.name)
+    for node in list(model.graph):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attribute = node.attributes.get("value")
+            if attribute is not None and attribute.type == ir.AttributeType.TENSOR:
+                arrays[node.outputs[0]] = attribute.as_tensor().numpy()
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        if not _foldable(node, inputs, arrays):
+            continue
+        from_large = any(arrays[v].size > input_size_limit for v in inputs)
+        if from_large:
+            results = _transposed(node, arrays[inputs[0]]) if node.op_type == "Transpose" else None
+        else:
+            results = _evaluate(node, inputs, arrays, opset)
+        if results is None:
+            continue
+        outputs = list(node.outputs)
+        folded = [_constant(array) for array in results]
+        for output, value in zip(outputs, folded):
+            output.replace_all_uses_with(value)
+        model.graph.remove(node, safe=True)
+        for output, value, array in zip(outputs, folded, results):
+            value.name = output.name
+            model.graph.register_initializer(value)
+            arrays[value] = array
+            if from_large:
+                large.add(value.name)
+    _remove_unused_constants(model)
+    return large
+
+
+def _constant(array: np.ndarray) -> ir.Value:
+    """An unnamed value holding ``array`` (not a copy of it)."""
+    import onnx_ir as ir
+
+    tensor = ir.Tensor(array)
+    return ir.Value(type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
+
+
+def _foldable(node: ir.Node, inputs: list[ir.Value], arrays: dict[ir.Value, np.ndarray]) -> bool:
+    """Whether ``node`` computes a constant: a deterministic standard op, constant inputs, no
+    graph output (the exporter's outputs stay computed)."""
+    return (
+        node.domain in ("", "ai.onnx")
+        and node.op_type not in _RANDOM_OPS
+        and bool(inputs)
+        and all(v in arrays for v in inputs)
+        and not any(o.is_graph_output() for o in node.outputs)
+    )
+
+
+def _transposed(node: ir.Node, array: np.ndarray) -> list[np.ndarray]:
+    perm = node.attributes.get_ints("perm", None)
+    return [np.transpose(array, perm)]
+
+
+def _evaluate(node: ir.Node, inputs: list[ir.Value], arrays: dict[ir.Value, np.ndarray],
+              opset: int | None) -> list[np.ndarray] | None:
+    """The outputs of ``node`` by onnx's reference implementation, or None if it has none for
+    them (the node then stays: folding only saves work at run time)."""
+    import onnx_ir as ir
+    from onnx.reference import ReferenceEvaluator
+
+    proto = ir.serde.serialize_node(node)
+    feeds = {v.name: arrays[v] for v in inputs}
+    try:
+        results = ReferenceEvaluator(proto, opsets={"": opset} if opset else None).run(None, feeds)
+    except Exception as exc:  # an op or an attribute the reference implementation lacks
+        logger.debug("not folding %s %s: %s", node.op_type, node.name, exc)
+        return None
+    arrays_out = [np.asarray(r) for r in results]
+    if len(arrays_out) != len(node.outputs):
+        return None
+    return arrays_out
+
+
+def _remove_unused_constants(model: ir.Model) -> None:
+    """Drop the ``Constant`` nodes and initializers that nothing reads any more."""
+    graph = model.graph
+    graph.remove([n for n in graph if n.op_type == "Constant" and not any(map(_is_read, n.outputs))], safe=True)
+    for name, value in list(graph.initializers.items()):
+        if not _is_read(value):
+            del graph.initializers[name]
+
+
+def _is_read(value: ir.Value) -> bool:
+    return bool(value.uses()) or value.is_graph_output()
+
+
+def _save_torchscript(model: ir.Model, target: Path, external: bool) -> None:
+    """Write ``model`` as one protobuf, or with ``external`` its initializers over a few hundred
+    bytes in ``<name>.data`` beside it (the layout of the dynamo export)."""
+    import onnx_ir as ir
+
+    if external:
+        ir.save(model, target, external_data=target.name + ".data")
+        return
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size >= _PROTOBUF_LIMIT:
+        raise ExportError(
+            f"the model's {size / 2**30:.1f} GiB of initializers do not fit in one protobuf file",
+            "models over 2 GiB need external_data=True (or leave it unset)",
+        )
+    ir.save(model, target)
 
 
 def check_request(output: str | os.PathLike[str], exporter: str, opset: int | None) -> Path:
@@ -373,7 +566,8 @@ def export_causal_lm(
     """Export ``model`` (a transformers causal LM) to ``output`` and return the path written.
 
     ``exporter`` is ``"dynamo"`` (``torch.export``, optimised graph with symbolic shapes in
-    ``value_info``) or ``"torchscript"`` (the legacy tracer). ``opset`` ``None`` keeps the
+    ``value_info``) or ``"torchscript"`` (the legacy tracer, its constants folded by
+    :func:`fold_torchscript_constants`). ``opset`` ``None`` keeps the
     exporter's default. ``external_data`` ``None`` means: only when the parameters exceed 1 GiB;
     the weights then go to ``<output>.data`` beside the model, referenced by a relative path.
 

@@ -27,12 +27,12 @@ from qeff.errors import ExportError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INDEX_NAME", "CheckpointTensor", "read_checkpoint", "read_rows"]
+__all__ = ["INDEX_NAME", "CheckpointTensor", "read_checkpoint", "read_into"]
 
 INDEX_NAME = "model.safetensors.index.json"
 
 # The dtypes a float checkpoint is stored in, with the numpy dtype of their raw bits. bfloat16
-# has no numpy dtype: it is read as uint16 and widened by a shift (see ``to_float32``).
+# has no numpy dtype: it is read as uint16 and widened by a shift (see ``read_into``).
 _RAW_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
              "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -144,28 +144,32 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> dict[str, CheckpointTenso
     return tensors
 
 
-def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Float32 values of raw checkpoint elements (exact: every F16 and BF16 value is a float32)."""
-    if dtype == "BF16":
-        # bfloat16 is the top half of a float32: shifting the bits up is the exact conversion.
-        wide = raw.astype(np.uint32)
-        wide <<= 16  # in place: a chunk costs one float32-sized buffer, not two
-        return wide.view(np.float32)
-    return raw.astype(np.float32, copy=False)
-
-
-def read_rows(fd: int, tensor: CheckpointTensor, first: int, count: int) -> np.ndarray:
-    """Elements ``first`` to ``first + count`` of ``tensor`` (flat order) as float32, read with
-    ``pread`` so that nothing of the file stays mapped into this process."""
+def read_into(fd: int, tensor: CheckpointTensor, first: int, out: np.ndarray) -> None:
+    """Fill the contiguous float32 array ``out`` with elements ``first`` to ``first + out.size`` of
+    ``tensor`` (flat order), read with ``pread`` so that nothing of the file stays mapped into this
+    process. A float32 tensor is read straight into ``out``; a narrower one through a buffer of its
+    own size, widened in place."""
     raw_dtype = _RAW_DTYPES[tensor.dtype]
-    start = tensor.start + first * raw_dtype.itemsize
-    nbytes = count * raw_dtype.itemsize
-    buffer = bytearray(nbytes)
-    view = memoryview(buffer)
+    if raw_dtype == out.dtype:  # float32 on a little-endian machine: the bytes are the values
+        _pread_exactly(fd, tensor, first, memoryview(out).cast("B"))
+        return
+    raw = np.empty(out.size, raw_dtype)
+    _pread_exactly(fd, tensor, first, memoryview(raw).cast("B"))
+    if tensor.dtype == "BF16":
+        # bfloat16 is the top half of a float32: shifting the bits up is the exact conversion.
+        bits = out.view(np.uint32)
+        bits[...] = raw
+        bits <<= 16
+    else:
+        out[...] = raw
+
+
+def _pread_exactly(fd: int, tensor: CheckpointTensor, first: int, view: memoryview) -> None:
+    start = tensor.start + first * _RAW_DTYPES[tensor.dtype].itemsize
     done = 0
-    while done < nbytes:
+    while done < len(view):
         got = os.preadv(fd, [view[done:]], start + done)
         if got <= 0:
             raise ExportError(f"{tensor.path.name} ended while reading tensor {tensor.name!r}", _HINT)
         done += got
-    return to_float32(np.frombuffer(buffer, raw_dtype), tensor.dtype)
+

@@ -75,18 +75,35 @@ def _assert_same_export(streamed, reference):
     np.testing.assert_array_equal(_logits(streamed), _logits(reference))
 
 
+# (architecture, checkpoint dtype, sharded): every architecture whose checkpoint holds the
+# model's own parameters (Mixtral's fused experts: test_streaming_converted.py), the dtypes and
+# layouts spread so that each architecture meets a different one than in the TorchScript cases.
+DYNAMO_CASES = [
+    ("gpt2", "bfloat16", True),  # tied lm_head, Conv1D weights (Gemm)
+    ("falcon", "float16", True),  # fused QKV, tied lm_head
+    ("llama", "float16", False),
+    ("mistral", "float32", False),
+    ("qwen2", "bfloat16", True),  # q/k/v biases
+    ("phi3", "bfloat16", False),  # fused qkv and gate_up projections
+    ("gptj", "float32", True),  # partial rotary
+    ("mpt", "float16", True),  # ALiBi: no position_ids
+    ("codegen", "bfloat16", False),
+    ("starcoder2", "float32", True),
+    ("gemma", "float16", False),  # tied lm_head, embedding scale
+]
+
+
+def test_the_dynamo_cases_cover_every_streamed_architecture():
+    assert sorted(case[0] for case in DYNAMO_CASES) == sorted(a for a in TINY_ARCHITECTURES if a != "mixtral")
+    assert {case[1] for case in DYNAMO_CASES} == {"bfloat16", "float16", "float32"}
+    assert {case[2] for case in DYNAMO_CASES} == {True, False}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("arch", "dtype", "shards"),
-    [
-        ("gpt2", "bfloat16", True),  # tied lm_head, Conv1D weights, sharded
-        ("falcon", "float16", True),  # fused QKV, tied lm_head
-    ],
-)
+@pytest.mark.parametrize(("arch", "dtype", "shards"), DYNAMO_CASES, ids=[case[0] for case in DYNAMO_CASES])
 def test_streamed_export_is_the_in_memory_export(tmp_path, monkeypatch, arch, dtype, shards):
     folder = _save(_model(arch), tmp_path / "hf", dtype, shards)
-    if shards:
-        assert (folder / "model.safetensors.index.json").is_file()
+    assert (folder / "model.safetensors.index.json").is_file() == shards
     reference = export_causal_lm(load_causal_lm(folder), tmp_path / "memory" / "m.onnx", external_data=True,
                                  progress=False)
     # Small chunks: the blocked reads and the scattered writes of transposed weights run many times.
@@ -117,8 +134,6 @@ def test_export_model_streams_a_folder_and_checks_it(tmp_path, monkeypatch, capl
 def test_skeleton_buffers_are_those_of_a_built_model(tmp_path):
     # Non-persistent buffers (rotary tables, embedding scales) are recomputed, not loaded.
     for arch in TINY_ARCHITECTURES:
-        if arch == "mixtral":
-            continue  # its checkpoint layout is not streamed (see the test below)
         built = build_tiny_model(arch)
         folder = _save(built, tmp_path / arch)
         skeleton, large = build_skeleton(folder, read_checkpoint(folder))
@@ -131,12 +146,29 @@ def test_skeleton_buffers_are_those_of_a_built_model(tmp_path):
         assert len(list(skeleton.parameters())) == len(list(built.parameters())), arch
 
 
-def test_a_converted_checkpoint_layout_is_not_streamed(tmp_path):
+def test_a_checkpoint_layout_that_cannot_be_mapped_is_not_streamed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     folder = _save(build_tiny_model("mixtral"), tmp_path / "hf")
-    with pytest.raises(StreamingUnsupported, match="another layout"):
+    weights = load_file(folder / "model.safetensors")
+    experts = "model.layers.1.block_sparse_moe.experts"
+
+    # Expert 3 saved as number 4: transformers stacks experts in name order whatever their
+    # numbers, so which slot is meant is not guessed here.
+    renumbered = dict(weights)
+    for w in ("w1", "w2", "w3"):
+        renumbered[f"{experts}.4.{w}.weight"] = renumbered.pop(f"{experts}.3.{w}.weight")
+    save_file(renumbered, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StreamingUnsupported, match=rf"not numbered 0, 1, 2, .* \('{experts}.4.w1.weight' comes at "):
         export_folder_streaming(folder, tmp_path / "out" / "m.onnx", progress=False)
-    with pytest.raises(StreamingUnsupported, match="TorchScript"):
-        export_folder_streaming(folder, tmp_path / "out" / "m.onnx", exporter="torchscript", progress=False)
+
+    # A parameter whose pieces are under names that neither the model nor transformers' mapping know.
+    unknown = dict(weights)
+    for e in range(4):
+        unknown[f"{experts}.{e}.w2_v0.weight"] = unknown.pop(f"{experts}.{e}.w2.weight")
+    save_file(unknown, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StreamingUnsupported, match=r"stores 'model.layers.1.mlp.experts.down_proj' in another layout"):
+        export_folder_streaming(folder, tmp_path / "out" / "m.onnx", progress=False)
     assert not (tmp_path / "out").exists()
 
 
