@@ -14,6 +14,7 @@ from .api import ExportResult, export_model
 from .check import compare_with_onnxruntime
 from .export import export_causal_lm
 from .loading import load_causal_lm
+from .prefix_check import PrefixComparison, compare_prefix
 from .randomize import randomize_parameters
 from .tiny import TINY_ARCHITECTURES, build_tiny_model, tiny_config
 from .with_past import export_with_past
@@ -29,6 +30,8 @@ __all__ = [
     "export_causal_lm",
     "export_with_past",
     "compare_with_onnxruntime",
+    "compare_prefix",
+    "PrefixComparison",
     "export_model",
     "ExportResult",
 ]

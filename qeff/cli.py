@@ -330,20 +330,31 @@ def export_command(
         help="weights in a .data file (default: always for a folder, whose weights are streamed; "
              "for --tiny when > 1 GiB)"
     ),
-    check: bool = typer.Option(
-        True, "--check/--no-check",
-        help="compare onnxruntime with torch after export (a folder with more than 1 GiB of float32 "
-             "weights skips it: the check would load the model whole)"),
+    check: str = typer.Option(
+        "auto", "--check", metavar="auto|full|prefix|none",
+        help="compare onnxruntime with torch after export: full (the logits; holds the model twice), "
+             "prefix (the hidden state after the first --check-layers layers, a few hundred MB at any "
+             "size), auto (full up to 1 GiB of float32 weights, else prefix) or none"),
+    no_check: bool = typer.Option(False, "--no-check", help="same as --check none"),
+    # 2 is the frontend's DEFAULT_CHECK_LAYERS, not imported here: the frontend takes seconds to import.
+    check_layers: int = typer.Option(2, "--check-layers", help="decoder layers the prefix check compares",
+                                     callback=_count()),
     task: Optional[str] = typer.Option(
         None, "--task", help="encoders (bert, roberta, xlm-roberta): base, qa, classification or embeddings"),
 ) -> None:
     """Export a Hugging Face causal LM (input_ids, attention_mask, position_ids → logits) or an
     encoder (--tiny bert|roberta|xlm-roberta, or a folder, with --task) to plain ONNX."""
     from qeff.errors import ExportError
+    from qeff.frontend.api import CHECKS
     from qeff.frontend.encoder import ENCODER_ARCHITECTURES, is_encoder_folder
 
+    if no_check:
+        check = "none"
+    if check not in CHECKS:
+        raise ExportError(f"unknown check {check!r}", f"use --check {', '.join(CHECKS[:-1])} or {CHECKS[-1]}")
     if task is not None or tiny in ENCODER_ARCHITECTURES or (source is not None and is_encoder_folder(source)):
-        _export_encoder(source, tiny, output, task or "base", seed, check)
+        # An encoder has its own check, a full one: any choice but none runs it.
+        _export_encoder(source, tiny, output, task or "base", seed, check != "none")
         return
 
     if exporter not in ("dynamo", "torchscript"):
@@ -370,14 +381,18 @@ def export_command(
         attn_implementation=attn,
         external_data=external_data,
         check=check,
+        check_layers=check_layers,
         progress=True,
     )
     console.print(
         f"exported {result.architecture} ({result.num_parameters:,} parameters) with {result.exporter}, "
         f"opset {result.opset}, to {result.path} in {result.seconds:.1f} s"
     )
-    if result.max_abs_diff is not None:
+    if result.check == "full":
         console.print(f"onnxruntime vs torch: max abs logits difference {result.max_abs_diff:.2e}")
+    elif result.check == "prefix":
+        console.print(f"onnxruntime vs torch after the first {result.checked_layers} decoder layers: "
+                      f"max abs hidden-state difference {result.max_abs_diff:.2e}")
 
 
 @app.command("compile")
@@ -464,6 +479,11 @@ def run_command(
     device_id: int = typer.Option(0, "--device-id", help="Cloud AI device for a QPC", callback=_count(low=0)),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="also write the tokens and stats (encoders: the outputs) as JSON"),
     text_file: Optional[Path] = typer.Option(None, "--text-file", help="inputs, one per line (needs --tokenizer)"),
+    prepack: bool = typer.Option(
+        False, "--prepack/--no-prepack",
+        help="onnxruntime: copy the weights into its packed MatMul layout (faster long prefills, a second "
+             "copy of every weight in memory); by default they are used in place from the mapped data file",
+    ),
 ) -> None:
     """Generate with a KV model (onnxruntime, or a compiled QPC on the card), streaming tokens and
     printing the stats; or run an encoder on a padded batch and print its outputs."""
@@ -477,7 +497,8 @@ def run_command(
         check_output_file(stats_json, "--stats-json", inputs)
     texts = runner.read_prompts(prompt, text_file)
     tok = runner.load_tokenizer(tokenizer) if tokenizer is not None else None
-    session = runner.open_session(model, ctx_len=ctx_len, full_batch_size=full_batch_size, device_id=device_id)
+    session = runner.open_session(model, ctx_len=ctx_len, full_batch_size=full_batch_size, device_id=device_id,
+                                  prepack=prepack)
     encoder = not session.retained
     prompts = runner.encode_prompts(texts, input_ids, tok, special_tokens=encoder)
     with session:
