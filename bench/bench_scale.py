@@ -21,7 +21,9 @@ The script
    and the disk used by the work folder. The stages:
 
    - ``checkpoint``: writing the folder above;
-   - ``export``: ``qeff export CHECKPOINT -o export/model.onnx --external-data --no-check``;
+   - ``export``: ``qeff export CHECKPOINT -o export/model.onnx --external-data --exporter E
+     --check C`` (``--exporter``, default dynamo; ``--check``, default none: the prefix check
+     adds a bounded comparison with torch, the full one would hold the model twice);
    - ``hf-generate``: Hugging Face ``generate`` on the checkpoint (float32, eager attention,
      greedy, ``--new-tokens`` tokens from the same ids), the reference for the runs;
    - ``opt``: ``qeff-opt export/model.onnx --passes cleanup,fold,kv,fixed,fp16clip,mxfp6
@@ -558,7 +560,7 @@ def stage_command(stage: str, work: Path, args: argparse.Namespace, ids: list[in
                 "--shard-gb", str(args.shard_gb), "--write-checkpoint", str(d["checkpoint"])]
     if stage == "export":
         return tool("qeff") + ["export", str(d["checkpoint"]), "-o", str(d["export"] / "model.onnx"),
-                               "--external-data", "--no-check"]
+                               "--external-data", "--exporter", args.exporter, "--check", args.check]
     if stage == "hf-generate":
         return [sys.executable, "-c", _HF_GENERATE, str(d["checkpoint"]), ids_text, str(args.new_tokens),
                 str(d["hf-generate"] / "generate.json")]
@@ -751,6 +753,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ctx-len", type=int, default=256, help="KV cache length for the kv pass")
     ap.add_argument("--prompt-len", type=int, default=8, help="prompt length in token ids")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens to generate")
+    ap.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo", help="the export's exporter")
+    ap.add_argument("--check", choices=["none", "prefix", "full", "auto"], default="none",
+                    help="the export's comparison with torch (qeff export --check)")
     ap.add_argument("--mem-limit-gb", type=float,
                     help="kill a stage whose RSS passes this (default: 90%% of the memory available at its start)")
     ap.add_argument("--verify-checkpoint", action=argparse.BooleanOptionalAction, default=None,
@@ -786,6 +791,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "stages_selected": args.stages,
         "ctx_len": args.ctx_len,
         "passes": FULL_PIPELINE,
+        "exporter": args.exporter,
+        "check": args.check,
         "prompt_ids": ids,
         "new_tokens": args.new_tokens,
         "stages": [],
@@ -794,7 +801,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["workdir"] = str(work)
         print(f"{args.size}: {results['parameters'] / 1e9:.2f} B parameters, bf16 checkpoint "
               f"{results['checkpoint_bytes'] / GB:.2f} GB, work folder {work}, free disk "
-              f"{shutil.disk_usage(work).free / GB:.1f} GB, available memory {mem_available() / GB:.1f} GB", flush=True)
+              f"{shutil.disk_usage(work).free / GB:.1f} GB, available memory {mem_available() / GB:.1f} GB, "
+              f"export with {args.exporter} (check: {args.check})", flush=True)
         for i, stage in enumerate(args.stages):
             row = run_stage(stage, work, args, ids)
             results["stages"].append(row)
