@@ -35,9 +35,8 @@ from qeff.errors import ExportError  # noqa: E402
 from qeff.frontend import api  # noqa: E402
 from qeff.frontend.api import export_model  # noqa: E402
 from qeff.frontend.prefix_check import PrefixCutNotFound, compare_prefix  # noqa: E402
-from qeff.frontend.randomize import randomize_parameters  # noqa: E402
-from qeff.frontend.tiny import tiny_config  # noqa: E402
 from tests.cli.test_cli import invoke  # noqa: E402
+from tests.frontend.test_streaming_export import _model, _save  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -47,21 +46,6 @@ DIFFERS = 1e-2
 
 # The generated Llama: 0.43 GB in float32, 0.2 GB of it in the embedding and as much in the head.
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS = 100_000, 512, 1024, 2
-
-
-def _save_tiny(arch: str, folder: Path, seed: int = 0) -> Path:
-    config = tiny_config(arch)
-    fields = config.to_dict()
-    for key in ("hidden_size", "n_embd", "d_model"):
-        if key in fields:
-            setattr(config, key, 128)
-    if "intermediate_size" in fields:
-        config.intermediate_size = 256
-    if arch == "gemma":
-        config.head_dim = 32
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    randomize_parameters(model, seed).save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 # --- the generated model ---------------------------------------------------------------------
@@ -203,7 +187,7 @@ def _torchscript_export(folder: Path, path: Path) -> Path:
 
 @pytest.mark.parametrize("arch", ["gpt2", "falcon", "gemma", "qwen2", "phi3", "mpt"])
 def test_the_prefix_check_agrees_with_torch_on_torchscript_graphs(arch, tmp_path):
-    folder = _save_tiny(arch, tmp_path / "hf", seed=3)
+    folder = _save(_model(arch, seed=3), tmp_path / "hf")
     path = _torchscript_export(folder, tmp_path / "m.onnx")
     comparison = compare_prefix(path, folder=folder, layers=1)
     assert comparison.layers == 1 and comparison.total_layers == 2
