@@ -268,7 +268,7 @@ def _read_whole(source: Source, shape: tuple[int, ...]) -> Any:
     with open_files() as files:
         for first in range(0, flat.size, _CHUNK_ELEMENTS):
             count = min(_CHUNK_ELEMENTS, flat.size - first)
-            flat[first:first + count] = read_elements(files, source, first, count)
+            read_elements(files, source, first, count, out=flat[first:first + count])
     return tensor
 
 
@@ -282,7 +282,7 @@ def _read_table_rows(source: Source, shape: tuple[int, ...], rows: Iterable[int]
     with open_files() as files:
         for row in rows:
             if 0 <= row < shape[0]:
-                table[row] = read_elements(files, source, row * width, width)
+                read_elements(files, source, row * width, width, out=table[row])
     return tensor
 
 

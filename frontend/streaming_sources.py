@@ -142,9 +142,11 @@ def open_files() -> Iterator[_Files]:
         files.close()
 
 
-def read_elements(files: _Files, source: Source, first: int, count: int) -> np.ndarray:
-    """Elements ``first .. first + count`` of ``source`` (flat order) as a new float32 array."""
-    out = np.empty(count, np.float32)
+def read_elements(files: _Files, source: Source, first: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Elements ``first .. first + count`` of ``source`` (flat order) as float32: into ``out`` (a
+    contiguous float32 array of ``count`` elements) when given, else into a new array."""
+    if out is None:
+        out = np.empty(count, np.float32)
     if isinstance(source, CheckpointTensor):
         read_into(files.descriptor(source.path), source, first, out)
         return out
