@@ -40,7 +40,9 @@ class MXINT8KVPass(QeffPass):
        values are already on the grid and come out unchanged (quantization is idempotent).
     2. Blocks of ``block`` run along ``head_dim`` (zero-padded at the end); elements are
        code/64 × 2^s with codes ±127, ties to even — bit-identical to
-       ``qeff.passes.mx.quantize_dequantize(x, "int8", axis=-1)``.
+       ``qeff.passes.mx.quantize_dequantize(x, "int8", axis=-1)``. An all-zero block takes
+       s = 0, so no step divides by a scale that fp16 cannot hold: for cache values an fp16
+       card can store (|x| ≥ 2^-24 or 0) every 2^s is an fp16 number.
     3. The manifest records custom-IO precision ``mxint8`` for every cache input and output.
     """
 
@@ -110,6 +112,11 @@ def mxint8_qdq(graph: ir.Graph, x: ir.Value, length: int, block: int, scale: str
     grouped = op("Reshape", [source, const("blocks", [0, 0, 0, blocks, size], np.int64)], "blocks")
     last = const("last", [-1], np.int64)
     amax = op("ReduceMax", [op("Abs", [grouped], "abs"), last], "amax", keepdims=1)
+    # An all-zero block (the cache's unwritten rows) takes exponent 0: its codes are 0 at any
+    # scale, and log2(0) would send the exponent to the clip's -127, whose 2^-127 is 0 in fp16,
+    # so the card (and the fp16 simulation) would compute 0/0 = NaN there.
+    one = const("one_f", 1.0)
+    amax = op("Where", [op("Equal", [amax, const("zero_f", 0.0)], "all_zero"), one, amax], "amax_nonzero")
     two = const("two", 2.0)
     guess = op("Floor", [op("Div", [op("Log", [amax], "ln"), const("ln2", math.log(2.0))], "log2")], "floor")
     power = op("Pow", [two, guess], "power")

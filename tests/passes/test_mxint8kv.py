@@ -46,6 +46,30 @@ def _edge_values(shape: tuple[int, ...]) -> np.ndarray:
     return x
 
 
+@pytest.mark.parametrize("scale", ["ocp", "ocp_plus1"])
+def test_in_fp16_every_fp16_cache_value_stays_finite(scale):
+    """The card computes the simulation in fp16: an all-zero block (the cache's unwritten rows)
+    once took the scale 2^-127, which is 0 in fp16, and gave 0/0 = NaN. Every fp16 number, zero
+    blocks and subnormals included, must come out as the kernel's MXINT8 value of it."""
+    from qeff.passes.fp16.simulation import run_fp16
+
+    shape = (1, 2, 4, 32)
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-6, 4, shape[:-1] + (1,))).astype(np.float16)
+    flat = x.reshape(-1, 32)
+    flat[0] = 0.0
+    flat[1, :3] = [2 ** -24, -(2 ** -23), 0]  # fp16 subnormals, the rest zero
+    flat[1, 3:] = 0.0
+    # ocp_plus1 gives a block whose amax is >= 2^15 the scale 2^16, beyond fp16 (a known limit)
+    flat[2, 0] = 65504.0 if scale == "ocp" else 16384.0
+    x = x.astype(np.float32)
+    model = ir.serde.deserialize_model(__import__("onnx").load_from_string(_qdq_model(shape, scale)))
+    got = run_fp16(model, {"x": x})["y"]
+    assert np.isfinite(got).all()
+    want = quantize_dequantize(x, "int8", axis=-1, scale=scale).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("head_dim", [16, 32, 48, 64])
 @pytest.mark.parametrize("scale", ["ocp", "ocp_plus1"])
 def test_graph_simulation_is_bit_identical_to_the_kernel(head_dim, scale):
