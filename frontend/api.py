@@ -134,6 +134,8 @@ def export_model(
         num_parameters = sum(p.numel() for p in model.parameters())
     seconds = time.perf_counter() - started
 
+    if source is not None:
+        _record_checkpoint(path, Path(source))
     size = streamed.parameter_bytes if streamed is not None else parameter_bytes(model)
     ran, diff, layers = _check(mode, path, size, model=model, source=source, layers=check_layers,
                                attn_implementation=attn_implementation)
@@ -152,6 +154,27 @@ def export_model(
     )
     logger.info("exported %s: %s", result.architecture, result)
     return result
+
+
+def _record_checkpoint(path: Path, source: Path) -> None:
+    """Name the checkpoint folder in the model's metadata (``qeff eval`` finds the tokenizer
+    there; the passes carry metadata through). Only the graph file is rewritten, atomically:
+    external weights are neither read nor touched."""
+    import onnx
+
+    from qeff.contract import CHECKPOINT_METADATA
+
+    proto = onnx.load(str(path), load_external_data=False)
+    kept = [p for p in proto.metadata_props if p.key != CHECKPOINT_METADATA]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    proto.metadata_props.add(key=CHECKPOINT_METADATA, value=str(source.resolve()))
+    staged = path.with_name(f".{path.name}.{os.getpid()}.metadata")
+    try:
+        onnx.save(proto, str(staged))
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def _check_mode(check: bool | str | None, layers: int) -> str:

@@ -178,8 +178,12 @@ def run_opt(
     quiet: bool,
     plot: Optional[Path] = None,
     link_data: bool = False,
+    verify_text: Optional[Path] = None,
+    max_perplexity_increase: Optional[float] = None,
+    min_top1_agreement: Optional[float] = None,
 ) -> None:
     from qeff.optimizer import optimize
+    from qeff.verify.quality import QualityThresholds
     from qeff.passes import default_output_path
     from qeff.passes.infra.pipeline import build_passes, parse_pipeline
     from qeff.verify import describe
@@ -198,12 +202,16 @@ def run_opt(
 
         taken = model_files(model) | model_files(output) | ({report.resolve()} if report else set())
         check_output_file(plot, "--plot", taken)
+    limits = {k: v for k, v in (("max_perplexity_increase", max_perplexity_increase),
+                                 ("min_top1_agreement", min_top1_agreement)) if v is not None}
     start = time.perf_counter()
     result = optimize(
         model,
         pipeline,
         output,
-        verify=verify,
+        verify=verify or verify_text is not None or bool(limits),
+        verify_text=verify_text,
+        quality=QualityThresholds(**limits),
         tolerance=tolerance,
         report_path=report,
         external_data=external_data,
@@ -263,6 +271,18 @@ def qeff_opt(
         help="what --verify accepts: max abs difference (default 1e-4), or with fp16clip in the "
              "pipeline the difference relative to the largest reference value (default 1e-2)", callback=_number(low=0.0)),
     report: Optional[Path] = typer.Option(None, "--report", help="write the change report as JSON"),
+    verify_text: Optional[Path] = typer.Option(
+        None, "--verify-text",
+        help="UTF-8 text on which --verify measures a lossy pipeline's perplexity change and top-1 agreement "
+             "(implies --verify; the tokenizer is found as by qeff eval). Default for the reference model: its "
+             "held-out split"),
+    max_perplexity_increase: Optional[float] = typer.Option(
+        None, "--max-perplexity-increase",
+        help="what --verify on a text accepts: relative perplexity increase (default 0.05, i.e. 5 %)",
+        callback=_number(low=0.0)),
+    min_top1_agreement: Optional[float] = typer.Option(
+        None, "--min-top1-agreement", help="what --verify on a text accepts: share of top-1 tokens agreeing with "
+                                           "the input model (default 0.9)", callback=_number(low=0.0, high=1.0)),
     plot: Optional[Path] = typer.Option(None, "--plot", help="draw the per-weight error of MX passes per layer (.png)"),
     external_data: Optional[bool] = typer.Option(
         None, "--external-data/--no-external-data", help="weights in a .data file (default: as the input, or when > 1 GiB)"
@@ -282,7 +302,8 @@ def qeff_opt(
     if list_passes:
         print_pass_list()
         return
-    run_opt(model, passes, output, ctx_len, verify, tolerance, report, external_data, quiet, plot, link_data)
+    run_opt(model, passes, output, ctx_len, verify, tolerance, report, external_data, quiet, plot, link_data,
+            verify_text, max_perplexity_increase, min_top1_agreement)
 
 
 def opt_main() -> None:
@@ -320,6 +341,9 @@ def export_command(
         None, help="local model folder with config.json and *.safetensors"
     ),
     tiny: Optional[str] = typer.Option(None, "--tiny", help="built-in tiny random model by architecture, e.g. llama"),
+    reference: bool = typer.Option(
+        False, "--reference", help="the reference model: a small Llama trained on Python's documentation, "
+                                   "shipped with the package (what qeff eval measures quality on)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output .onnx (default: <name>.onnx)"),
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo or torchscript"),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)", callback=_count()),
@@ -350,6 +374,12 @@ def export_command(
 
     if no_check:
         check = "none"
+    if reference:
+        if source is not None or tiny is not None or task is not None:
+            raise ExportError("--reference is a model of its own", "drop the model folder, --tiny or --task")
+        from qeff.reference import CHECKPOINT
+
+        source, output = CHECKPOINT, output if output is not None else Path("reference.onnx")
     if check not in CHECKS:
         raise ExportError(f"unknown check {check!r}", f"use --check {', '.join(CHECKS[:-1])} or {CHECKS[-1]}")
     if task is not None or tiny in ENCODER_ARCHITECTURES or (source is not None and is_encoder_folder(source)):
@@ -592,9 +622,61 @@ def bench_command(
                                                         "rows": [dc.asdict(r) for r in rows]}, indent=2) + "\n")
 
 
+@app.command("eval")
+def eval_command(
+    model: Path = typer.Argument(..., help="an .onnx model: a plain export or a KV model from qeff-opt"),
+    reference: Optional[Path] = typer.Option(
+        None, "--reference", help="the model to compare with, e.g. the plain fp32 export this model came from"),
+    text: Optional[Path] = typer.Option(
+        None, "--text", help="UTF-8 text to evaluate on (default: the reference model's held-out split)"),
+    tokenizer: Optional[Path] = typer.Option(
+        None, "--tokenizer", help="tokenizer.json or its folder (default: beside the model, else the "
+                                  "checkpoint it was exported from)"),
+    fp16_sim: bool = typer.Option(False, "--fp16-sim", help="run the model (not the reference) in fp16 "
+                                                            "simulation, as the card computes"),
+    window: Optional[int] = typer.Option(None, "--window", help="tokens per window (default 128, at most "
+                                         "ctx_len + 1 for a KV model)", callback=_count(low=2)),
+    context: Optional[int] = typer.Option(None, "--context", help="tokens of each window that are only context "
+                                          "(default: a quarter of the window)", callback=_count()),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="evaluate only the text's first N tokens",
+                                             callback=_count(low=2)),
+    ctx_len: Optional[int] = typer.Option(None, "--ctx-len", help="cache length of a KV model whose manifest "
+                                          "does not say it", callback=_count()),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON (- for stdout)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no table, no progress bar"),
+) -> None:
+    """Perplexity of a model on a text, and with --reference its top-1 agreement and KL divergence:
+    what a pass combination cost. KV models run as deployed (chunked prefill, decode with the cache)."""
+    import json as json_module
+
+    from qeff.evaluation import evaluate
+
+    to_stdout = json_path is not None and str(json_path) == "-"
+    if json_path is not None and not to_stdout:
+        from qeff.common.paths import check_output_file, model_files
+
+        inputs = [*model_files(model), *(model_files(reference) if reference else ()),
+                  *(p for p in (text, tokenizer) if p is not None)]
+        check_output_file(json_path, "--json", inputs)
+    result = evaluate(model, reference=reference, text=text, tokenizer=tokenizer, fp16_sim=fp16_sim, window=window,
+                      context=context, max_tokens=max_tokens, ctx_len=ctx_len, progress=not quiet and not to_stdout)
+    payload = json_module.dumps(result.to_dict(), indent=2) + "\n"
+    if to_stdout:
+        sys.stdout.write(payload)
+    elif not quiet:
+        console.print(result.rich_table())
+        if result.nonfinite:
+            console.print(f"[bold red]{result.nonfinite} scored positions had NaN or Inf logits[/]")
+    if json_path is not None and not to_stdout:
+        from qeff.common.atomic import write_text_atomic
+
+        write_text_atomic(json_path, payload)
+
+
 @app.command("demo")
 def demo_command(
-    arch: str = typer.Option("llama", "--arch", help="tiny architecture to build"),
+    arch: Optional[str] = typer.Option(
+        None, "--arch", help="a tiny architecture with random weights (e.g. llama) instead of the reference model"),
     exporter: str = typer.Option("torchscript", "--exporter", help="dynamo or torchscript"),
     workdir: Path = typer.Option(Path("qeff-demo"), "--workdir", help="where the demo writes its files"),
     passes: str = typer.Option("cleanup,fold,kv,fixed,fp16clip,mxfp6", "--passes", help="passes to run"),
@@ -603,7 +685,8 @@ def demo_command(
     , callback=_count()),
     encoder: bool = typer.Option(False, "--encoder", help="the encoder flow instead: tiny BERT for question answering"),
 ) -> None:
-    """Build a tiny model, export it, rewrite it, verify it and generate with it: the whole flow on one screen."""
+    """Export the reference model, rewrite it, verify it, generate text with it and measure what each
+    step cost: the whole flow on one screen (--arch: a tiny random model instead)."""
     if workdir.exists() and not workdir.is_dir():
         raise QeffError(f"--workdir {workdir} is a file", "give a folder (it is created when missing)")
     if encoder:
@@ -611,6 +694,11 @@ def demo_command(
 
         run_encoder_demo(workdir=workdir if workdir != Path("qeff-demo") else Path("qeff-demo-encoder"),
                          console=console)
+        return
+    if arch is None:
+        from qeff.demo_reference import run_reference_demo
+
+        run_reference_demo(exporter=exporter, workdir=workdir, passes=passes, ctx_len=ctx_len, console=console)
         return
     from qeff.demo import run_demo
 

@@ -54,6 +54,10 @@ SEQ_LEN = "seq_len"
 CTX_LEN = "ctx_len"
 FULL_BATCH_SIZE = "full_batch_size"
 
+# ONNX metadata the export writes: the checkpoint folder a model came from (its tokenizer is
+# found there by ``qeff eval``). Passes carry metadata through, so rewritten models keep it.
+CHECKPOINT_METADATA = "qeff.checkpoint"
+
 _CACHE_KINDS = ("key", "value")
 _CACHE_INPUT = re.compile(r"^past_(key|value)\.(\d+)$")
 

@@ -23,6 +23,7 @@ from qeff.passes.infra.manager import resolve_passes
 from qeff.passes.ir.model_io import (ModelLike, StagedModel, as_ir_model, check_model, check_output_path,
                                      external_data_files)
 from qeff.verify import failure_message, verify_pipeline
+from qeff.verify.quality import QualityThresholds, verification_text
 
 
 def _previous_manifest(input_path: Path | None):
@@ -46,6 +47,8 @@ def optimize(
     external_data: bool | None = None,
     link_data: bool = False,
     progress: bool = False,
+    verify_text: str | os.PathLike | None = None,
+    quality: QualityThresholds | None = None,
 ) -> PipelineResult:
     """Run ``passes`` on ``model`` and (when ``output`` is given) write the result atomically.
 
@@ -55,7 +58,9 @@ def optimize(
     :func:`qeff.verify.verify_pipeline`) and a difference above ``tolerance`` raises
     :class:`VerificationError` (the output is then not written). Every path is checked before
     any work: the output and the report may not be an input file, its data or its manifest, or
-    each other. ``link_data`` shares the input's unchanged weights with the output through a
+    each other. A lossy pipeline (MX, fp16clip) is also verified on a text when one is available
+    (``verify_text``, or the held-out split for the reference model; see
+    :mod:`qeff.verify.quality`), failing beyond ``quality``'s thresholds. ``link_data`` shares the input's unchanged weights with the output through a
     hard link to its data file instead of copying them (see ``qeff-opt --help``).
     """
     input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
@@ -77,6 +82,12 @@ def optimize(
         written = model_files(output) if output is not None else set()
         check_output_file(report_path, "the report", protected | written)
     previous = _previous_manifest(input_path)
+    text = None
+    if verify:
+        if verify_text is not None and input_path is None:
+            raise QeffError("--verify-text needs the model as a file, to find its tokenizer",
+                            "save the model first, with its tokenizer.json beside it")
+        text = verification_text(input_path, verify_text) if input_path is not None else None
 
     result = run_passes(ir_model, pipeline, manifest=previous, progress=progress)
     result.report.input = str(input_path) if input_path else None
@@ -99,7 +110,8 @@ def optimize(
             if verify:
                 result.report.verification = verify_pipeline(
                     reference, staged.path, scratch=Path(scratch), tolerance=tolerance, fp16_keep=result.fp16_keep,
-                    lossy=any(p.lossy for p in pipeline), ctx_len=result.manifest.ctx_len)
+                    lossy=any(p.lossy for p in pipeline), ctx_len=result.manifest.ctx_len, text=text,
+                    thresholds=quality)
             verified = not verify or result.report.verification.passed
             if output is not None and verified:
                 # The manifest and its side files are staged beside the model and committed with

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"frontend": "qeff.frontend", "passes": "qeff.passes", "backend_aic": "qeff.backend_aic",
           "runtime": "qeff.runtime"}
 SHARED = ("qeff.contract", "qeff.errors", "qeff.common")
-ABOVE = ("qeff.verify", "qeff.optimizer", "qeff.cli", "qeff.demo", "qeff.demo_encoder")
+ABOVE = ("qeff.verify", "qeff.evaluation", "qeff.reference", "qeff.optimizer", "qeff.cli", "qeff.demo",
+         "qeff.demo_encoder", "qeff.demo_reference")
 # Imported by a module of a stage: another stage, anything above the stages, and for the
 # passes torch and onnxruntime's tools package (whose __init__ imports torch).
 FORBIDDEN = {

@@ -14,10 +14,14 @@ Values named in ``keep_fp32`` are not rounded: that is how the compiler's
 
 from __future__ import annotations
 
-__all__ = ["simulate_fp16", "fp16_session", "run_fp16", "float32_names", "expose_float32_values"]
+__all__ = ["simulate_fp16", "simulation_beside", "fp16_session", "run_fp16", "float32_names",
+           "expose_float32_values"]
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -81,6 +85,23 @@ def simulate_fp16(model: ir.Model | onnx.ModelProto | str | os.PathLike,
     graph.node.extend(nodes)
     del graph.value_info[:]
     return proto
+
+
+@contextlib.contextmanager
+def simulation_beside(model: str | os.PathLike, keep_fp32: Iterable[str] = ()) -> Iterator[Path]:
+    """The fp16 simulation of a model file, saved beside it under a hidden temporary name and
+    removed on exit. Beside it, because the copy reads the model's external data by a path
+    relative to its own folder (onnxruntime refuses such paths in a model given as bytes)."""
+    model = Path(model)
+    proto = simulate_fp16(model, keep_fp32)
+    fd, name = tempfile.mkstemp(prefix=f".{model.stem}.", suffix=".fp16-sim.onnx", dir=model.parent)
+    os.close(fd)
+    try:
+        onnx.save(proto, name)
+        yield Path(name)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 def float32_names(proto: onnx.ModelProto) -> set[str]:

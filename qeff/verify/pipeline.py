@@ -13,6 +13,7 @@ import onnx_ir as ir
 from qeff.contract import is_cache_input
 from qeff.verify.generation import verify_kv_model
 from qeff.verify.outputs import verify_models
+from qeff.verify.quality import QualityThresholds, text_quality
 from qeff.verify.result import Verification
 
 FP32_TOLERANCE = 1e-4  # max abs difference
@@ -25,7 +26,8 @@ def _has_kv_cache(path: Path) -> bool:
 
 def verify_pipeline(reference: Path, candidate: Path, *, scratch: Path, tolerance: float | None = None,
                     fp16_keep: Sequence[str] | None = None, lossy: bool = False,
-                    ctx_len: int | None = None) -> Verification:
+                    ctx_len: int | None = None, text: tuple[Path | None, Path] | None = None,
+                    thresholds: QualityThresholds | None = None) -> Verification:
     """Compare ``candidate`` (what the pipeline wrote) with ``reference`` (its input).
 
     - A model that has a KV cache and a reference that does not are compared by generation
@@ -36,6 +38,10 @@ def verify_pipeline(reference: Path, candidate: Path, *, scratch: Path, toleranc
       max abs difference (default 1e-4).
     - ``lossy`` (a quantizing pass ran) with no tolerance given: the numbers are reported, and
       only NaN/Inf fail.
+    - ``text`` ((text file or None for the held-out split, tokenizer); see
+      :func:`~qeff.verify.quality.verification_text`) with a lossy or fp16 pipeline: the
+      candidate is also evaluated on the text against the reference, and fails beyond
+      ``thresholds`` (:mod:`qeff.verify.quality`).
     """
     fp16 = fp16_keep is not None
     report_only = lossy and tolerance is None
@@ -58,4 +64,8 @@ def verify_pipeline(reference: Path, candidate: Path, *, scratch: Path, toleranc
     if report_only:
         result.lossy = True
         result.passed = bool(result.finite is not False and math.isfinite(result.max_abs))
+    if text is not None and (lossy or fp16):
+        result.quality = text_quality(reference, candidate, text=text[0], tokenizer=text[1],
+                                      thresholds=thresholds or QualityThresholds(), ctx_len=ctx_len)
+        result.passed = bool(result.passed and result.quality["passed"])
     return result

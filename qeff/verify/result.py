@@ -29,6 +29,8 @@ class Verification:
     prompts: list[int] | None = None
     ctx_len: int | None = None
     per_step: list[dict[str, Any]] | None = None
+    # A lossy pipeline evaluated on a text (qeff.verify.quality): perplexity, agreement, limits.
+    quality: dict[str, Any] | None = None
 
     @property
     def by_generation(self) -> bool:
@@ -54,13 +56,29 @@ def describe(v: Verification) -> str:
         what = f"same inputs: {_size(v)} over outputs {', '.join(v.outputs or {})}"
     if v.finite is not None:
         what = f"fp16 simulation, {'finite' if v.finite else 'NaN or Inf'}; {what}"
+    if v.quality is not None:
+        q = v.quality
+        what = (f"{what}; on {q['tokens']:,} tokens of {q['text']}: perplexity {q['reference_perplexity']:.3f} → "
+                f"{q['perplexity']:.3f} ({_change(q)}, limit +{q['max_perplexity_increase']:.1%}), top-1 agreement "
+                f"{q['top1_agreement']:.2%} (limit {q['min_top1_agreement']:.0%})")
+        return f"{what} — {'passed' if v.passed else 'FAILED'}"
     if v.lossy:
-        return f"{what} — quantized model, reported (only NaN/Inf fail without --tolerance)"
+        return f"{what} — quantized model, reported (only NaN/Inf fail without --tolerance or a text)"
     return f"{what} (tolerance {v.tolerance:g}) — {'passed' if v.passed else 'FAILED'}"
+
+
+def _change(q: dict[str, Any]) -> str:
+    change = q["perplexity_change"]
+    return "NaN/Inf" if change is None or change != change or change in (float("inf"),) else f"{change:+.2%}"
 
 
 def failure_message(v: Verification) -> str:
     """Why a verification failed, in one line (without the hint)."""
+    q = v.quality
+    if q is not None and not q["passed"] and (v.lossy or v.finite is not False):
+        return (f"--verify failed: on {q['tokens']:,} tokens of {q['text']} the perplexity changed {_change(q)} "
+                f"(limit +{q['max_perplexity_increase']:.1%}) and top-1 agreement is {q['top1_agreement']:.2%} "
+                f"(limit {q['min_top1_agreement']:.0%}); nothing was written")
     by = f"{v.max_rel:.3g} of the largest reference value" if v.max_rel is not None else f"{v.max_abs:.3g}"
     if v.by_generation:
         what = f"greedy tokens agree {v.token_agreement}, logits differ by up to {by}"
