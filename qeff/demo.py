@@ -130,17 +130,17 @@ def run_demo(
     return {"export": exported, "optimize": result, "generation": generation, "compile": compiled}
 
 
-def _dry_run_compile(console: Console, model: Path, folder: Path):
-    """Step 5: the compile files and the exact compiler command (no compiler is needed for it)."""
+def _dry_run_compile(console: Console, model: Path, folder: Path, step: int = 5):
+    """The last step: the compile files and the exact compiler command (no compiler is needed for it)."""
     from qeff.backend_aic import CompileOptions, compile_model
     from qeff.errors import QeffError
 
     try:
         compiled = compile_model(model, folder, CompileOptions(dry_run=True))
     except QeffError as e:  # e.g. a plain export whose symbols the compile cannot size
-        console.print(f"5. dry-run compile skipped: {e}")
+        console.print(f"{step}. dry-run compile skipped: {e}")
         return None
-    console.print(f"5. dry-run compile: wrote {', '.join(sorted(compiled.files.values()))} to {folder}; "
+    console.print(f"{step}. dry-run compile: wrote {', '.join(sorted(compiled.files.values()))} to {folder}; "
                   "on a machine with the Cloud AI SDK the command is:")
     console.print(compiled.command_text, soft_wrap=True, markup=False, highlight=False)
     return compiled

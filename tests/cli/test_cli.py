@@ -290,20 +290,48 @@ def test_demo_runs_the_flow(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_default_pipeline(tmp_path, monkeypatch, capsys):
-    """The default demo: kv, fixed, fp16clip and mxfp6, verified and generated in fp16
-    simulation, then a dry-run compile with -mxfp6-matmul."""
-    pytest.importorskip("torch")
-    from rich.console import Console
+    """The default demo: the reference model through kv, fixed, fp16clip and mxfp6, verified on the
+    held-out text; decoded continuations for fp32, fp16 and the full pipeline; a quality table;
+    a dry-run compile with -mxfp6-matmul. The fp32 continuation is recomputed here with torch."""
+    import io
 
-    monkeypatch.setattr(cli, "console", Console(width=300))
+    torch = pytest.importorskip("torch")
+    from rich.console import Console
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM
+
+    from qeff.demo_reference import NEW_TOKENS, PROMPTS, run_reference_demo
+    from qeff.reference import CHECKPOINT, TOKENIZER
+
+    console = Console(file=io.StringIO(), width=400)
     demo = tmp_path / "demo"
-    code, out, err = invoke(cli.main, ["demo", "--workdir", demo], monkeypatch, capsys)
-    assert code == 0, err
+    result = run_reference_demo(workdir=demo, console=console)
+    out = console.file.getvalue()
     report = json.loads((demo / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["cleanup", "fold", "kv", "fixed", "fp16clip", "mxfp6"]
-    assert "3. verified: fp16 simulation, finite; KV model vs the original graph" in out and "quantized model, reported" in out
-    assert "rewritten model in fp16 simulation, as the card computes" in out
-    assert "tokens agree with the fp32 reference:" in out and "KV bytes copied 0" in out
+    quality = report["verification"]["quality"]
+    assert report["verification"]["passed"] and quality["passed"] and quality["top1_agreement"] > 0.93
+
+    tokenizer = Tokenizer.from_file(str(TOKENIZER))
+    model = LlamaForCausalLM.from_pretrained(CHECKPOINT).eval()
+    fp32, fp16, full = result["continuations"]
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([tokenizer.encode(prompt).ids])
+        with torch.no_grad():
+            new = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, ids.shape[1]:].tolist()
+        assert fp32.tokens[i] == new  # the fp32 export says what torch says
+        assert fp16.tokens[i] == new  # and so does the fp16 model in fp16 simulation
+        for row in (fp32, fp16, full):  # each decoded continuation is on screen, line breaks as ↵
+            assert row.texts[i] == tokenizer.decode(row.tokens[i])
+            assert row.texts[i].replace("\n", "↵") in out
+    assert fp16.label == "fp16 model (fp16 simulation)" and full.label == "full pipeline (fp16 simulation)"
+    assert f"fp16 model (fp16 simulation): {2 * NEW_TOKENS}/{2 * NEW_TOKENS} tokens equal" in out
+    same = sum(a == b for g, r in zip(full.tokens, fp32.tokens) for a, b in zip(g, r))
+    assert f"full pipeline (fp16 simulation): {same}/{2 * NEW_TOKENS} tokens equal" in out
+    assert "5. quality on the held-out split (5,508 tokens; qeff eval)" in out
+    labels = [label for label, _ in result["quality"]]
+    assert labels == ["fp32 export", "fp16 model", "full pipeline"]
+    assert result["quality"][2][1].top1_agreement == pytest.approx(quality["top1_agreement"], abs=1e-12)
     command = (demo / "compile" / "command.txt").read_text()
     assert "-mxfp6-matmul" in command and "-convert-to-fp16" in command
 
@@ -313,7 +341,8 @@ def test_demo_without_kv_skips_generation(tmp_path, monkeypatch, capsys):
     demo = tmp_path / "demo"
     # --ctx-len with a pipeline that does not take it is refused before anything is exported.
     code, out, err = invoke(
-        cli.main, ["demo", "--workdir", demo, "--passes", "cleanup,fold", "--ctx-len", "32"], monkeypatch, capsys
+        cli.main, ["demo", "--workdir", demo, "--arch", "llama", "--passes", "cleanup,fold", "--ctx-len", "32"],
+        monkeypatch, capsys
     )
     assert code == 2 and "--ctx-len" in err and out == ""
     assert not demo.exists()
