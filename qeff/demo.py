@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-__all__ = ["run_demo", "DemoGeneration"]
+__all__ = ["run_demo", "DemoGeneration", "demo_pipeline"]
 
 import dataclasses
 import time
@@ -75,19 +75,14 @@ def run_demo(
     """
     from qeff.frontend import export_model
     from qeff.optimizer import optimize
-    from qeff.passes.infra.pipeline import build_passes, parse_pipeline
     from qeff.verify import describe
 
     console = console or Console()
     workdir = Path(workdir)
 
     # Parse the pipeline before exporting, so a typo in --passes costs no export.
-    specs = parse_pipeline(passes)
+    specs, pipeline, ctx_len = demo_pipeline(passes, ctx_len, DEFAULT_CTX_LEN)
     has_kv = any(spec.name == "kv" for spec in specs)
-    if has_kv and ctx_len is None:
-        ctx_len = DEFAULT_CTX_LEN
-    # An explicit --ctx-len with a pipeline that does not use it is refused, as by qeff-opt.
-    pipeline = build_passes(specs, {"ctx_len": str(ctx_len)} if ctx_len is not None else None)
 
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -128,6 +123,18 @@ def run_demo(
             "see the generation table above; rerun with --debug and report it",
         )
     return {"export": exported, "optimize": result, "generation": generation, "compile": compiled}
+
+
+def demo_pipeline(passes: str, ctx_len: int | None, default_ctx_len: int):
+    """(specs, passes, ctx_len) of a demo's ``--passes``: ``ctx_len`` defaults to
+    ``default_ctx_len`` when ``kv`` is in the pipeline. An explicit ``--ctx-len`` with a pipeline
+    that does not use it is refused, as by qeff-opt."""
+    from qeff.passes.infra.pipeline import build_passes, parse_pipeline
+
+    specs = parse_pipeline(passes)
+    if ctx_len is None and any(spec.name == "kv" for spec in specs):
+        ctx_len = default_ctx_len
+    return specs, build_passes(specs, {"ctx_len": str(ctx_len)} if ctx_len is not None else None), ctx_len
 
 
 def _dry_run_compile(console: Console, model: Path, folder: Path, step: int = 5):

@@ -56,23 +56,20 @@ def run_reference_demo(*, exporter: str = "torchscript", workdir: Path = Path("q
                        passes: str = "cleanup,fold,kv,fixed,fp16clip,mxfp6", ctx_len: int | None = None,
                        console: Console | None = None) -> dict:
     """Run the demo; returns ``{"export", "optimize", "fp16", "continuations", "quality", "compile"}``."""
-    from qeff.demo import _dry_run_compile
+    from qeff.demo import _dry_run_compile, demo_pipeline
     from qeff.evaluation import evaluate
     from qeff.evaluation.text import load_tokenizer
     from qeff.frontend import export_model
     from qeff.optimizer import optimize
-    from qeff.passes.infra.pipeline import build_passes, parse_pipeline
+    from qeff.passes.infra.pipeline import build_passes
     from qeff.reference import CHECKPOINT, TOKENIZER
     from qeff.verify import describe
 
     console = console or Console()
     workdir = Path(workdir)
-    specs = parse_pipeline(passes)
+    specs, pipeline, ctx_len = demo_pipeline(passes, ctx_len, DEFAULT_CTX_LEN)
     has_kv = any(spec.name == "kv" for spec in specs)
-    if has_kv and ctx_len is None:
-        ctx_len = DEFAULT_CTX_LEN
     overrides = {"ctx_len": str(ctx_len)} if ctx_len is not None else None
-    pipeline = build_passes(specs, overrides)
     kept = _without_lossy(specs, pipeline)
     plain = _text(kept) if kept else None
     workdir.mkdir(parents=True, exist_ok=True)

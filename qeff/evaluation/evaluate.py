@@ -20,7 +20,7 @@ from qeff.errors import QeffError
 
 from .metrics import Totals
 from .scoring import Scorer, has_cache, open_scorer
-from .text import cut_windows, find_tokenizer, load_tokenizer, read_text
+from .text import Windows, cut_windows, find_tokenizer, load_tokenizer, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -181,32 +181,9 @@ def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = 
             ref_scorer = stack.enter_context(_closing(open_scorer(reference, reference.name,
                                                                   kv=has_cache(reference), ctx_len=ctx_len)))
         _check_vocabularies(model, scorer, reference, ref_scorer, tok.get_vocab_size(), tok_path)
-        limit = min([s.max_window for s in (scorer, ref_scorer) if s is not None and s.max_window] or [math.inf])
-        if window is None:
-            window = int(min(DEFAULT_WINDOW, limit))
-        elif window > limit:
-            raise QeffError(f"a window of {window} tokens is longer than the model takes ({int(limit)})",
-                            f"use --window {int(limit)} or less")
-        if context is None:
-            context = max(1, window // 4)
+        window, context = _window_plan(window, context, [s for s in (scorer, ref_scorer) if s is not None])
         windows = cut_windows(np.asarray(ids), window, context)
-        totals = Totals()
-        rows = scorer.rows if scorer.fixed_rows else (ref_scorer.rows if ref_scorer and ref_scorer.fixed_rows
-                                                      else scorer.rows)
-        if ref_scorer is not None and scorer.fixed_rows and ref_scorer.fixed_rows and scorer.rows != ref_scorer.rows:
-            rows = 1 if 1 in (scorer.rows, ref_scorer.rows) else math.gcd(scorer.rows, ref_scorer.rows)
-        bar = stack.enter_context(_progress(windows.scored, progress))
-        task = bar.add_task("eval", total=windows.scored) if bar is not None else None
-        offsets = np.arange(context, window)
-        for lo in range(0, len(windows.starts), rows):
-            batch = list(range(lo, min(lo + rows, len(windows.starts))))
-            tokens = windows.rows(batch)
-            got = _batched(scorer, tokens, context)
-            ref = _batched(ref_scorer, tokens, context) if ref_scorer is not None else None
-            mask = offsets[None, :] >= np.asarray([windows.first[i] for i in batch])[:, None]
-            totals.add(got, tokens[:, context:], mask, ref)
-            if bar is not None:
-                bar.advance(task, int(mask.sum()))
+        totals = _score(windows, scorer, ref_scorer, stack.enter_context(_progress(windows.scored, progress)))
     result = EvalResult(
         model=str(model), kind=scorer.kind, fp16_sim=fp16_sim, text=text_label, tokenizer=str(tok_path),
         window=window, context=context, windows=len(windows.starts), tokens=totals.tokens,
@@ -219,6 +196,35 @@ def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = 
         result.kl_mean, result.kl_max = totals.kl_sum / totals.tokens, totals.kl_max
     logger.info("evaluated %s: %s", model, result)
     return result
+
+
+def _window_plan(window: int | None, context: int | None, scorers: list[Scorer]) -> tuple[int, int]:
+    """(window, context): the default window is 128 tokens, or what the smallest cache holds."""
+    limit = min([s.max_window for s in scorers if s.max_window] or [math.inf])
+    if window is None:
+        window = int(min(DEFAULT_WINDOW, limit))
+    elif window > limit:
+        raise QeffError(f"a window of {window} tokens is longer than the model takes ({int(limit)})",
+                        f"use --window {int(limit)} or less")
+    return window, context if context is not None else max(1, window // 4)
+
+
+def _score(windows: Windows, scorer: Scorer, ref_scorer: Scorer | None, bar) -> Totals:
+    """Every window through both models, a batch at a time, into running totals."""
+    totals = Totals()
+    task = bar.add_task("eval", total=windows.scored) if bar is not None else None
+    offsets = np.arange(windows.context, windows.window)
+    # Each scorer cuts a batch into the rows it takes (padding the last): any batch size works.
+    for lo in range(0, len(windows.starts), scorer.rows):
+        batch = list(range(lo, min(lo + scorer.rows, len(windows.starts))))
+        tokens = windows.rows(batch)
+        got = _batched(scorer, tokens, windows.context)
+        ref = _batched(ref_scorer, tokens, windows.context) if ref_scorer is not None else None
+        mask = offsets[None, :] >= np.asarray([windows.first[i] for i in batch])[:, None]
+        totals.add(got, tokens[:, windows.context:], mask, ref)
+        if bar is not None:
+            bar.advance(task, int(mask.sum()))
+    return totals
 
 
 def _batched(scorer: Scorer, tokens: np.ndarray, context: int) -> np.ndarray:

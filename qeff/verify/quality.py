@@ -7,8 +7,9 @@ its input with :func:`qeff.evaluation.evaluate` (in fp16 simulation when fp16cli
 when the perplexity rises by more than ``max_perplexity_increase`` (relative) or fewer than
 ``min_top1_agreement`` of its top-1 tokens agree with the input's.
 
-The defaults come from the reference model (README, "Accuracy"): MXFP6 weights cost it about
-1-2 % of perplexity and agree on ~95 % of top-1 tokens; MXFP4 costs about 10 % and fails them.
+The defaults come from the reference model (README, "Accuracy"): MXFP6 weights change its
+perplexity by +0.01 % and agree on 95.4 % of top-1 tokens, passing with room; MXFP4 (+1.3 %,
+82 %) fails.
 """
 
 from __future__ import annotations

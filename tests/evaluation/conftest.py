@@ -31,7 +31,7 @@ def rewritten(reference_onnx: Path) -> Callable[[str], Path]:
     def factory(passes: str) -> Path:
         if passes not in cache:
             out = reference_onnx.with_name(f"reference.{len(cache)}.onnx")
-            overrides = {"ctx_len": "128"} if "kv" in passes.split(",") else None
+            overrides = {"ctx_len": "128"} if "kv" in [p.split(":")[0] for p in passes.split(",")] else None
             cache[passes] = optimize(reference_onnx, passes, out, overrides=overrides).output
         return cache[passes]
 

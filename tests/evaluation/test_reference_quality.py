@@ -115,3 +115,14 @@ def test_mxint8kv_within_its_measured_cost(reference_onnx, rewritten):
     r = evaluate(rewritten("kv,fixed,fp16clip,mxfp6,mxint8kv"), reference=reference_onnx, fp16_sim=True)
     assert r.nonfinite == 0 and math.isfinite(r.perplexity)
     assert abs(r.perplexity_change) < 0.01 and r.top1_agreement > 0.93
+
+
+@pytest.mark.parametrize("passes", ["kv,fixed:batch_size=3,seq_len=1",
+                                    "kv:continuous_batching=true,full_batch_size=4",
+                                    "fixed:batch_size=2,seq_len=127"])
+def test_models_bound_by_fixed_or_continuous_batching_score_the_same(reference_onnx, rewritten, passes):
+    """A batch or sequence length bound by fixed, or a cache served through batch_index slots, is
+    driven in the shapes it takes (short batches padded) and scores exactly what the plain export does."""
+    got = evaluate(rewritten(passes), reference=reference_onnx, max_tokens=1500)
+    assert got.tokens == 1500 - 32 and got.windows == 16  # 15 strided windows and the tail
+    assert abs(got.perplexity_change) < 1e-6 and got.top1_agreement == 1.0
