@@ -32,9 +32,15 @@ The script
      pass changes the weights, so its tokens may part from float32 ones);
    - ``compile``: ``qeff compile opt/model.kv.onnx -o compile --dry-run``;
    - ``run-kv`` / ``run-mxfp6``: ``qeff run MODEL --input-ids IDS --max-new-tokens N
-     --stats-json ...`` on the two rewritten models.
+     --stats-json ...`` on the two rewritten models;
+   - ``eval-kv``: ``qeff eval opt-kv/model.kv.onnx --reference export/model.onnx`` on the first
+     ``--eval-tokens`` tokens (default 160) of the reference model's held-out text, tokenized
+     with its tokenizer (its ids are valid for any vocabulary of 2,048 or more), windows of 64:
+     the KV model driven as deployed next to the plain export, both at once. Random weights
+     make the perplexity meaningless; the point is the agreement (it must be 100 %) and the
+     time and memory at real size.
 
-   Generation stages (``hf-generate``, ``opt-kv``, ``run-*``) run by default for ``tiny`` and
+   Generation stages (``hf-generate``, ``opt-kv``, ``run-*``, ``eval-kv``) run by default for ``tiny`` and
    ``1b`` only; ``--stages`` picks any subset. A stage whose input is missing (an earlier stage
    failed or was not run in this work folder) is skipped. A failing stage is recorded with its
    exit code and the script goes on with what does not depend on it. Each child is watched: one
@@ -55,8 +61,8 @@ their copy takes milliseconds against seconds of start-up for any stage. The rat
 
 GB means GiB (2**30 bytes) everywhere, matching ``ru_maxrss`` (KiB on Linux).
 
-Exit code: 0 when every stage ran and the ``run-kv`` tokens equal Hugging Face's; 1 when a stage
-failed or was skipped, or the tokens differ; 2 for bad arguments or a failed checkpoint check.
+Exit code: 0 when every stage ran, the ``run-kv`` tokens equal Hugging Face's and ``eval-kv``
+agrees on every top-1 token; 1 when a stage failed or was skipped, or the tokens differ; 2 for bad arguments or a failed checkpoint check.
 """
 
 from __future__ import annotations
@@ -130,8 +136,9 @@ _COMMON = {
 }
 SIZES: dict[str, dict[str, Any]] = {
     # Small enough for a test, with the same features as 1b (tied, llama3 rope scaling, GQA).
+    # vocab 2048: the reference tokenizer's ids (eval-kv) fit it
     "tiny": {**_COMMON, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1024,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 2048,
              "bos_token_id": 1, "eos_token_id": 2,
              "max_position_embeddings": 131072, "rope_scaling": _LLAMA32_ROPE, "tie_word_embeddings": True},
     "1b": {**_COMMON, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
@@ -146,8 +153,9 @@ SIZES: dict[str, dict[str, Any]] = {
            "max_position_embeddings": 8192, "rope_scaling": None, "tie_word_embeddings": False},
 }
 GENERATION_SIZES = {"tiny", "1b"}
+EVAL_WINDOW = 64
 
-STAGES = ["checkpoint", "export", "hf-generate", "opt", "opt-kv", "compile", "run-kv", "run-mxfp6"]
+STAGES = ["checkpoint", "export", "hf-generate", "opt", "opt-kv", "compile", "run-kv", "run-mxfp6", "eval-kv"]
 # What each stage reads (work-folder artifacts) and writes. An artifact is deleted (unless
 # --keep) once no later selected stage reads it.
 STAGE_INPUTS = {
@@ -159,6 +167,7 @@ STAGE_INPUTS = {
     "compile": ["opt"],
     "run-kv": ["opt-kv"],
     "run-mxfp6": ["opt"],
+    "eval-kv": ["export", "opt-kv"],
 }
 ARTIFACTS = {  # artifact -> folder in the work folder
     "checkpoint": CHECKPOINT_DIR,
@@ -169,6 +178,7 @@ ARTIFACTS = {  # artifact -> folder in the work folder
     "compile": "compile",
     "run-kv": "run-kv",
     "run-mxfp6": "run-mxfp6",
+    "eval-kv": "eval-kv",
 }
 # The file whose presence means the artifact is complete.
 ARTIFACT_FILE = {
@@ -180,6 +190,7 @@ ARTIFACT_FILE = {
     "compile": "command.txt",
     "run-kv": "run.json",
     "run-mxfp6": "run.json",
+    "eval-kv": "eval.json",
 }
 
 
@@ -574,6 +585,12 @@ def stage_command(stage: str, work: Path, args: argparse.Namespace, ids: list[in
         model = d["opt-kv" if stage == "run-kv" else "opt"] / "model.kv.onnx"
         return tool("qeff") + ["run", str(model), "--input-ids", ids_text, "--max-new-tokens", str(args.new_tokens),
                                "--stats-json", str(d[stage] / "run.json")]
+    if stage == "eval-kv":
+        from qeff.reference import TOKENIZER
+
+        return tool("qeff") + ["eval", str(d["opt-kv"] / "model.kv.onnx"), "--reference", str(d["export"] / "model.onnx"),
+                               "--tokenizer", str(TOKENIZER), "--max-tokens", str(args.eval_tokens), "--window",
+                               str(EVAL_WINDOW), "--quiet", "--json", str(d["eval-kv"] / "eval.json")]
     raise ValueError(stage)
 
 
@@ -734,7 +751,7 @@ def compare_generation(work: Path) -> dict[str, Any] | None:
 
 
 def default_stages(size: str) -> list[str]:
-    gen = {"hf-generate", "opt-kv", "run-kv", "run-mxfp6"}
+    gen = {"hf-generate", "opt-kv", "run-kv", "run-mxfp6", "eval-kv"}
     return [s for s in STAGES if size in GENERATION_SIZES or s not in gen]
 
 
@@ -753,6 +770,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ctx-len", type=int, default=256, help="KV cache length for the kv pass")
     ap.add_argument("--prompt-len", type=int, default=8, help="prompt length in token ids")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens to generate")
+    ap.add_argument("--eval-tokens", type=int, default=160,
+                    help="eval-kv: tokens of the reference model's held-out text to score")
     ap.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo", help="the export's exporter")
     ap.add_argument("--check", choices=["none", "prefix", "full", "auto"], default="none",
                     help="the export's comparison with torch (qeff export --check)")
@@ -770,7 +789,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown or not chosen:
             ap.error(f"unknown stage(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(STAGES)}")
         args.stages = [s for s in STAGES if s in chosen]
-    for name in ("shard_gb", "ctx_len", "prompt_len", "new_tokens"):
+    for name in ("shard_gb", "ctx_len", "prompt_len", "new_tokens", "eval_tokens"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     if args.prompt_len + args.new_tokens > args.ctx_len:
@@ -813,9 +832,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not args.keep:
                 later = {a for s in args.stages[i + 1:] for a in STAGE_INPUTS[s]}
                 for done in args.stages[: i + 1]:
-                    if done not in later and done not in ("hf-generate", "run-kv", "run-mxfp6", "compile"):
+                    if done not in later and done not in ("hf-generate", "run-kv", "run-mxfp6", "compile", "eval-kv"):
                         remove_artifact(work, done)
         results["generation"] = compare_generation(work)
+        eval_json = work / ARTIFACTS["eval-kv"] / "eval.json"
+        results["eval"] = json.loads(eval_json.read_text()) if eval_json.exists() else None
         if results["generation"]:
             results["weight_streaming"] = weight_streaming(results, copy_bandwidth())
         results["peak_disk_gb"] = max((r["disk_gb"] or 0 for r in results["stages"]), default=0)
@@ -859,12 +880,19 @@ def print_table(r: dict[str, Any]) -> None:
                 print(f"{what}: {same} ({a['same_positions']}/{a['of']} positions agree)")
         if g["hf_distinct_tokens"] is not None:
             print(f"Hugging Face generated {g['hf_distinct_tokens']} distinct tokens of {len(g['hf_tokens'])}")
+    e = r.get("eval")
+    if e:
+        print(f"qeff eval, kv model vs the plain export on {e['tokens']} held-out tokens ({e['windows']} windows of "
+              f"{e['window']}): top-1 agreement {e['top1_agreement']:.2%}, perplexity change "
+              f"{e['perplexity_change']:+.2e}, KL max {e['kl_max']:.1e}, {e['seconds']:.1f} s")
 
 
 def failed(r: dict[str, Any]) -> bool:
     g = r.get("generation") or {}
     kv = g.get("kv_vs_hf")
-    return any(row["status"] != "ok" for row in r["stages"]) or (kv is not None and not kv["equal"])
+    e = r.get("eval") or {}
+    return (any(row["status"] != "ok" for row in r["stages"]) or (kv is not None and not kv["equal"])
+            or (e.get("top1_agreement") is not None and e["top1_agreement"] < 1.0))
 
 
 def main(argv: list[str] | None = None) -> int:

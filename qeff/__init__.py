@@ -7,6 +7,7 @@ The public API::
     result = qeff.optimize("model.onnx", "cleanup,fold", "model.opt.onnx", verify=True)
     print(result.report.to_dict())
     qeff.list_passes()                      # names, summaries, options
+    qeff.evaluate("model.kv.onnx", reference="model.onnx", text="docs.txt")  # perplexity, agreement, KL
 
 Stages live in sub-packages: ``qeff.frontend`` (export), ``qeff.passes`` (rewriting),
 ``qeff.backend_aic`` (compiler lowering) and ``qeff.runtime`` (execution); ``qeff.contract``
@@ -26,6 +27,7 @@ from qeff.errors import QeffError
 # public name -> module that defines it
 _LAZY = {
     "optimize": "qeff.optimizer",
+    "evaluate": "qeff.evaluation",
     "QeffPass": "qeff.passes",
     "PipelineResult": "qeff.passes",
     "run_passes": "qeff.passes",
@@ -62,6 +64,7 @@ __all__ = [
     "QeffPass",
     "PipelineResult",
     "optimize",
+    "evaluate",
     "run_passes",
     "load_model",
     "save_model",

@@ -25,6 +25,8 @@ from .text import Windows, cut_windows, find_tokenizer, load_tokenizer, read_tex
 logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 128
+# The float32 logits one call may return: 8 windows of a 2 k vocabulary, one of a 128 k one.
+LOGITS_BUDGET = 128 << 20
 
 
 @dataclasses.dataclass
@@ -182,6 +184,9 @@ def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = 
                                                                   kv=has_cache(reference), ctx_len=ctx_len)))
         _check_vocabularies(model, scorer, reference, ref_scorer, tok.get_vocab_size(), tok_path)
         window, context = _window_plan(window, context, [s for s in (scorer, ref_scorer) if s is not None])
+        for s in (scorer, ref_scorer):
+            if s is not None and not s.fixed_rows and s.vocab:
+                s.rows = max(1, min(s.rows, LOGITS_BUDGET // (window * s.vocab * 4)))
         windows = cut_windows(np.asarray(ids), window, context)
         totals = _score(windows, scorer, ref_scorer, stack.enter_context(_progress(windows.scored, progress)))
     result = EvalResult(

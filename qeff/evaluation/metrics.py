@@ -17,6 +17,9 @@ import math
 import numpy as np
 
 
+CHUNK_ELEMENTS = 1 << 21  # logits per slice: 16 MB of float64
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
@@ -36,7 +39,19 @@ class Totals:
 
     def add(self, logits: np.ndarray, targets: np.ndarray, mask: np.ndarray,
             reference: np.ndarray | None = None) -> None:
-        """``logits`` ``[rows, n, vocab]`` predict ``targets`` ``[rows, n]``; only ``mask`` counts."""
+        """``logits`` ``[rows, n, vocab]`` predict ``targets`` ``[rows, n]``; only ``mask`` counts.
+        Positions go through in slices of at most ``CHUNK_ELEMENTS`` logits, so the float64
+        temporaries stay small with a 128 k vocabulary."""
+        step = max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+        rows = logits.reshape(-1, logits.shape[-1])
+        refs = reference.reshape(-1, reference.shape[-1]) if reference is not None else None
+        flat_targets, flat_mask = targets.reshape(-1), mask.reshape(-1)
+        for lo in range(0, len(rows), step):
+            hi = lo + step
+            self._add(rows[lo:hi], flat_targets[lo:hi], flat_mask[lo:hi], refs[lo:hi] if refs is not None else None)
+
+    def _add(self, logits: np.ndarray, targets: np.ndarray, mask: np.ndarray,
+             reference: np.ndarray | None) -> None:
         finite = np.isfinite(logits).all(axis=-1)
         self.nonfinite += int((~finite & mask).sum())
         logp = log_softmax(np.where(np.isfinite(logits), logits, 0.0))

@@ -122,7 +122,7 @@ def test_tiny_end_to_end(tmp_path):
     assert results["checkpoint_check"]["tensors_checked"] == 20
     rows = results["stages"]
     assert [r["stage"] for r in rows] == ["checkpoint", "export", "hf-generate", "opt", "opt-kv", "compile",
-                                          "run-kv", "run-mxfp6"]
+                                          "run-kv", "run-mxfp6", "eval-kv"]
     for row in rows:
         assert row["status"] == "ok" and row["rc"] == 0, row
         assert row["wall_s"] > 0 and row["peak_rss_gb"] > 0 and row["bytes_written"] > 0, row
@@ -133,6 +133,10 @@ def test_tiny_end_to_end(tmp_path):
     assert gen["hf_distinct_tokens"] > 1  # the comparison is not between two constant streams
     assert gen["kv_decode_tokens_per_s"] > 0 and gen["hf_decode_tokens_per_s"] > 0
     assert gen["mxfp6_vs_hf"] is not None
+    # qeff eval drove the kv model as deployed next to the plain export: the same predictions
+    assert results["eval"]["kind"] == "kv" and results["eval"]["tokens"] == 160 - 16
+    assert results["eval"]["top1_agreement"] == 1.0 and abs(results["eval"]["perplexity_change"]) < 1e-5
+    assert "qeff eval, kv model vs the plain export on 144 held-out tokens" in proc.stdout
     streaming = results["weight_streaming"]
     kv_bytes = next(r["bytes_written"] for r in rows if r["stage"] == "opt-kv")
     assert streaming["copy_gb_per_s"] > 0.1
