@@ -64,8 +64,10 @@ class PlainScorer(Scorer):
     def __init__(self, model: str | os.PathLike | bytes, label: str) -> None:
         from qeff.common.onnxrt import onnxruntime_session
 
+        # Weights used in place, as OrtSession does: packing copies every MatMul weight into
+        # anonymous memory (a 1B evaluation peaked at 5.4 GB instead of 0.5 GB) to speed up whole windows.
         self.session = onnxruntime_session(model if isinstance(model, bytes) else os.fspath(model),
-                                           purpose=f" for {label}")
+                                           purpose=f" for {label}", prepack=False)
         inputs = {i.name: i for i in self.session.get_inputs()}
         if INPUT_IDS not in inputs:
             raise QeffError(f"{label} has no {INPUT_IDS} input, so it is not a language model",

@@ -77,3 +77,4 @@ def test_ort_session_does_not_prepack_unless_asked(matmul_model):
     assert _prepacking_disabled(OrtSession(path, providers=["CPUExecutionProvider"])._session)
     assert not _prepacking_disabled(OrtSession(path, providers=["CPUExecutionProvider"], prepack=True)._session)
     assert not _prepacking_disabled(onnxruntime_session(path))
+
