@@ -73,7 +73,10 @@ class PlainScorer(Scorer):
             raise QeffError(f"{label} has no {INPUT_IDS} input, so it is not a language model",
                             "evaluate a causal LM export")
         outputs = [o.name for o in self.session.get_outputs()]
-        self.output = LOGITS if LOGITS in outputs else outputs[0]
+        if LOGITS not in outputs:  # e.g. an encoder's hidden states: not next-token scores
+            raise QeffError(f"{label} has no {LOGITS} output, so it is not a causal LM ({', '.join(outputs)})",
+                            "qeff eval measures causal LM exports and their rewrites")
+        self.output = LOGITS
         self.inputs = set(inputs)
         shape = inputs[INPUT_IDS].shape
         batch, seq = _static(shape[0]), _static(shape[1]) if len(shape) > 1 else None

@@ -92,7 +92,8 @@ def _bad(monkeypatch, capsys, *args):
     return err
 
 
-def test_bad_input_gets_one_line(reference_onnx, rewritten, tiny_export, tmp_path, monkeypatch, capsys):
+def test_bad_input_gets_one_line(reference_onnx, rewritten, tiny_export, tiny_bert_export, tmp_path, monkeypatch,
+                                 capsys):
     from qeff.reference import TOKENIZER
 
     short = tmp_path / "short.txt"
@@ -107,6 +108,10 @@ def test_bad_input_gets_one_line(reference_onnx, rewritten, tiny_export, tmp_pat
     assert "has a vocabulary of" in err and "cannot be compared" in err
     assert "no tokenizer at" in _bad(monkeypatch, capsys, reference_onnx, "--tokenizer", tmp_path)
     assert "does not exist" in _bad(monkeypatch, capsys, tmp_path / "missing.onnx")
+    assert "has no logits output, so it is not a causal LM" in _bad(monkeypatch, capsys, tiny_bert_export,
+                                                                     "--tokenizer", TOKENIZER)
+    assert "context 64 must be at least 1 and below the window of 64" in _bad(
+        monkeypatch, capsys, reference_onnx, "--window", "64", "--context", "64")
     # a KV model built for 128 positions sees windows of at most 129 tokens
     assert "a window of 400 tokens is longer than the model takes (129)" in _bad(
         monkeypatch, capsys, rewritten("kv"), "--window", "400")
