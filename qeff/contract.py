@@ -150,6 +150,7 @@ class KVLayout:
     full_batch_size: int | None = None
     logits: str = "last"
     precision: str | None = None  # the card's storage precision when a pass chose one (mxint8)
+    visibility: list[str] | None = None  # per layer: "causal", "sliding window 4096", …
 
 
 @dataclasses.dataclass
@@ -244,7 +245,7 @@ def _kv_section(value: Any, where: str) -> dict[str, Any]:
     checks = {"layers": _positive_int, "n_kv_heads": _positive_int, "head_dim": _positive_int,
               "full_batch_size": _positive_int, "continuous_batching": _expect(bool, "true or false"),
               "layout": _expect(str, "text"), "dtype": _expect(str, "text"), "logits": _expect(str, "text"),
-              "precision": _expect(str, "text")}
+              "precision": _expect(str, "text"), "visibility": _list_of(_expect(str, "text"), "texts")}
     return {k: checks[k](v, f"{where}.{k}") for k, v in section.items() if k in checks and v is not None}
 
 

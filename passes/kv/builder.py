@@ -40,7 +40,7 @@ class KVGraphBuilder(GraphBuilder):
 
     # -- shared tensors --------------------------------------------------------------------
     def shared(self, input_ids: ir.Value, position_ids: ir.Value, first_cache: ir.Value,
-               batch_index: ir.Value | None, sliding_window: int | None) -> None:
+               batch_index: ir.Value | None) -> None:
         """Build the tensors every layer shares (call once, before any layer)."""
         pos = position_ids
         self.batch = self.op("Shape", [input_ids], {"start": 0, "end": 1}, "batch")  # [1]
@@ -53,11 +53,9 @@ class KVGraphBuilder(GraphBuilder):
         # Visibility [b, 1, S, ctx]: slot c is visible to a query at position p iff c <= p.
         p4 = self.unsqueeze(pos, 1, 3)  # [b, 1, S, 1]
         c4 = self.op("Reshape", [slots, self.i64(1, 1, 1, -1)])  # [1, 1, 1, ctx]
-        visible = self.op("LessOrEqual", [c4, p4], what="visible")
-        if sliding_window is not None:
-            lowest = self.op("Sub", [p4, self.const(np.int64(sliding_window))])
-            visible = self.op("And", [visible, self.op("Greater", [c4, lowest])], what="visible_window")
-        self.visible = visible
+        self.visible = self.op("LessOrEqual", [c4, p4], what="visible")
+        self._p4, self._c4 = p4, c4
+        self._windows: dict[int, ir.Value] = {}
 
         # Scatter slots [b, S]: valid tokens at their position, pads at their row's last valid
         # position, or at slot 0 when the row has none (the max position is then negative).
@@ -155,8 +153,19 @@ class KVGraphBuilder(GraphBuilder):
         c = self.op("Reshape", [c, self.i64(1, 1, 1, -1)])
         return self.op("Mul", [c, self.const(slopes.reshape(1, -1, 1, 1).astype(dtype))], what="alibi")
 
+    def visibility(self, window: int | None) -> ir.Value:
+        """[b, 1, S, ctx]: causal, or with a sliding window also ``c > p - window`` (built once
+        per window and shared by the layers that use it)."""
+        if window is None:
+            return self.visible
+        if window not in self._windows:
+            lowest = self.op("Sub", [self._p4, self.const(np.int64(window))])
+            self._windows[window] = self.op("And", [self.visible, self.op("Greater", [self._c4, lowest])],
+                                            what=f"visible_window{window}")
+        return self._windows[window]
+
     def attention(self, query: ir.Value, key: ir.Value, value: ir.Value, scale: float,
-                  biases: list[ir.Value], dtype: np.dtype) -> ir.Value:
+                  biases: list[ir.Value], dtype: np.dtype, visible: ir.Value | None = None) -> ir.Value:
         """softmax(where(visible, q·kᵀ·scale + bias, min)) · v over the whole cache."""
         kt = self.op("Transpose", [key], {"perm": [0, 1, 3, 2]})
         scores = self.op("MatMul", [query, kt], what="scores")
@@ -165,7 +174,8 @@ class KVGraphBuilder(GraphBuilder):
         for b in biases:
             scores = self.op("Add", [scores, b])
         fill = self.const(np.array(np.finfo(dtype).min, dtype=dtype))
-        scores = self.op("Where", [self.visible, scores, fill], what="masked_scores")
+        scores = self.op("Where", [visible if visible is not None else self.visible, scores, fill],
+                         what="masked_scores")
         probs = self.op("Softmax", [scores], {"axis": -1}, "probs")
         return self.op("MatMul", [probs, value], what="attn_out")
 

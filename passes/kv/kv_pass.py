@@ -51,6 +51,19 @@ class KVOptions:
     )
 
 
+def _runs(rules: list[str]) -> str:
+    """``causal`` for every layer alike, else ``layers 0-4: …; 5: …`` (the report's one line)."""
+    groups: list[tuple[int, int, str]] = []
+    for i, rule in enumerate(rules):
+        if groups and groups[-1][2] == rule:
+            groups[-1] = (groups[-1][0], i, rule)
+        else:
+            groups.append((i, i, rule))
+    if len(groups) == 1:
+        return rules[0]
+    return "; ".join(f"{a}{'-' + str(b) if b > a else ''}: {rule}" for a, b, rule in groups)
+
+
 class KVPass(QeffPass):
     """Give a plain causal-LM export a fixed-size KV cache that stays on the device.
 
@@ -63,7 +76,11 @@ class KVPass(QeffPass):
        core ``softmax(where(c <= p, q·kᵀ·scale + bias, min)) · v``. Pads (``position_id < 0``)
        repeat their row's last valid write (same slot, same K/V), or write slot 0's old value
        back when the row has none, so duplicate writes are identical in any order.
-    2. The mask comes from ``position_ids`` alone; ``attention_mask`` is removed and any
+    2. Each layer's visibility rule is read from its mask on probe positions
+       (:mod:`.visibility`): causal, or a sliding window (the ``sliding_window`` option
+       overrides it for every layer); any other rule is refused, naming the layer. The rule
+       per layer goes into the manifest (``kv.visibility``).
+       The mask comes from ``position_ids`` alone; ``attention_mask`` is removed and any
        ``Shape(attention_mask)`` left (dynamo builds reshape targets from it) reads
        ``input_ids`` instead, which has the same shape.
     3. ALiBi (MPT) is recomputed for cache slots from the slopes in the graph's ALiBi table.
@@ -101,6 +118,7 @@ class KVPass(QeffPass):
             "ctx_len": plan.ctx_len,
             "site_kinds": sorted({layer.site.kind for layer in layers}),
             "dynamic_cache_converted": any(layer.past_inputs for layer in layers),
+            "visibility": _runs([layer.visibility for layer in layers]),
         }
         logger.info("kv: %d layers, ctx_len %d", len(layers), plan.ctx_len)
         return QeffPassResult(model, True, details=details, manifest=self._manifest(model, plan))
@@ -115,6 +133,7 @@ class KVPass(QeffPass):
             decode[BATCH_SIZE] = o.full_batch_size
         layout = KVLayout(layers=len(plan.layers), n_kv_heads=site.n_kv_heads, head_dim=site.head_dim,
                           dtype=o.kv_dtype, continuous_batching=o.continuous_batching,
-                          full_batch_size=o.full_batch_size, logits=o.logits)
+                          full_batch_size=o.full_batch_size, logits=o.logits,
+                          visibility=[layer.visibility for layer in plan.layers])
         return {"kv": layout, "retained_state": [v.name for v in model.graph.outputs if is_retained_output(v.name)],
                 "ctx_len": ctx, "specializations": [prefill, decode]}

@@ -20,6 +20,7 @@ from qeff.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, is_ca
 from qeff.errors import PassOptionError, UnsupportedGraphError
 from qeff.passes.ir.constants import const_array, const_tensor
 from qeff.passes.ir.traversal import ancestors, needed_nodes
+from qeff.passes.kv.visibility import MAX_PROBE, probe_visibility
 from qeff.passes.kv.match import AttentionSite, _layer_of, match_attention
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,6 +41,8 @@ class Layer:
     past_inputs: list[ir.Value]  # dynamic-cache inputs this layer replaces
     present_outputs: list[ir.Value]
     alibi_slopes: np.ndarray | None
+    window: int | None = None  # sliding window of the visibility the rewrite builds
+    visibility: str = "causal"  # the rule, as recorded in the manifest
 
 
 @dataclasses.dataclass
@@ -240,6 +243,30 @@ def _removed_inputs(attention_mask: ir.Value | None, layers: list[Layer], dynami
             yield past, {0, 1, 3}, layer
 
 
+def _read_visibility(model: ir.Model, layers: list[Layer], options: KVOptions, ctx_len: int) -> None:
+    """Each layer's visibility rule: the ``sliding_window`` option when given (an override),
+    else the rule its mask shows on probe positions (:mod:`.visibility`); a rule the rewrite
+    cannot build is refused, naming the layer."""
+    if options.sliding_window is not None:
+        for layer in layers:
+            layer.window, layer.visibility = options.sliding_window, f"sliding window {options.sliding_window} (option)"
+        return
+    length = min(ctx_len + 1, MAX_PROBE)
+    rules = probe_visibility(model, [layer.site for layer in layers], length)
+    if rules is None:
+        for layer in layers:
+            layer.visibility = "causal (mask not probed)"
+        return
+    for layer in layers:
+        rule = rules[layer.site.layer]
+        if rule.kind == "other":
+            raise _fail(f"layer {layer.site.layer}: its mask is not causal or a sliding window: {rule.detail} "
+                        f"(probed on {length} positions)",
+                        "kv rebuilds causal and sliding-window visibility only; this model is not supported")
+        layer.window = rule.window
+        layer.visibility = str(rule) + (f" (probed on {length} positions)" if length < ctx_len + 1 else "")
+
+
 def make_plan(model: ir.Model, options: KVOptions) -> Plan:
     graph = model.graph
     step = _step_inputs(graph)
@@ -312,6 +339,8 @@ def make_plan(model: ir.Model, options: KVOptions) -> Plan:
     if isinstance(seq_dim, int) and seq_dim > ctx_len:
         raise PassOptionError(f"kv: ctx_len={ctx_len} is smaller than the model's fixed sequence length {seq_dim}",
                               f"use ctx_len >= {seq_dim}")
+
+    _read_visibility(model, layers, options, ctx_len)
 
     # What survives the rewrite must not need attention_mask (except its shape) or the past.
     substitutes = {}

@@ -4,6 +4,8 @@ weights. Nothing here compares the pass's output with itself."""
 
 from __future__ import annotations
 
+import json
+
 import functools
 
 import numpy as np
@@ -304,9 +306,11 @@ def test_refuses_an_unrecognised_layer_naming_it(tiny_export):
     assert [n.op_type for n in model.graph] == before
 
 
-def test_sliding_window_matches_hf_mistral(tmp_path):
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_sliding_window_matches_hf_mistral(tmp_path, exporter):
     """Mistral with a 6-token window: the kv mask (c > p - window) must reproduce HF's
-    sliding-window attention once the sequence is longer than the window."""
+    sliding-window attention once the sequence is longer than the window. The window is read
+    from the export's mask; the sliding_window option gives the same model."""
     import torch
     import transformers
 
@@ -319,11 +323,17 @@ def test_sliding_window_matches_hf_mistral(tmp_path):
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    path = export_causal_lm(model, tmp_path / "mistral-sw.onnx", external_data=False, progress=False)
-    kv_path = _kv(path, tmp_path, sliding_window=6)
+    path = export_causal_lm(model, tmp_path / "mistral-sw.onnx", exporter=exporter, external_data=False,
+                            progress=False)
+    read = _kv(path, tmp_path, name="read")
+    manifest = json.loads((tmp_path / "read.qeff.json").read_text())
+    assert manifest["kv"]["visibility"] == ["sliding window 6"] * 2
     prompts = _prompts()
-    got = kv_generate(kv_path, prompts, 12, ctx_len=CTX)
-    windowless = kv_generate(_kv(path, tmp_path, name="nowindow"), prompts, 12, ctx_len=CTX)
+    got = kv_generate(read, prompts, 12, ctx_len=CTX)
+    given = kv_generate(_kv(path, tmp_path, sliding_window=6), prompts, 12, ctx_len=CTX)
+    assert given.tokens == got.tokens
+    # an override wider than the cache: no window at all
+    windowless = kv_generate(_kv(path, tmp_path, name="nowindow", sliding_window=1000), prompts, 12, ctx_len=CTX)
     for r, prompt in enumerate(prompts):
         ids = torch.tensor([prompt])
         with torch.no_grad():
