@@ -241,6 +241,32 @@ def run_opt(
     )
 
 
+def explain_pass(model: Optional[Path], name: str, ctx_len: Optional[int]) -> None:
+    """``--explain kv``: the matcher's findings per layer, as a table; nothing is written."""
+    if name != "kv":
+        raise QeffError(f"--explain {name}: only kv can be explained", "use --explain kv")
+    if model is None:
+        raise QeffError("no model given", "usage: qeff-opt MODEL.onnx --explain kv")
+    from qeff.passes.ir.model_io import as_ir_model, check_model
+    from qeff.passes.kv.explain import explain_kv
+
+    ir_model = as_ir_model(model)
+    check_model(ir_model)
+    rows, rejected, summary = explain_kv(ir_model, ctx_len or 256)
+    table = Table(title=f"kv in {model.name}: {summary}", title_justify="left")
+    for column in ("layer", "site", "heads", "kv", "dim", "scale", "RoPE", "visibility", "bias"):
+        table.add_column(column, justify="right" if column in ("layer", "heads", "kv", "dim") else "left",
+                         no_wrap=column == "visibility")
+    kinds = {"decomposed": "core", "attention_op": "Attention"}
+    for r in rows:
+        table.add_row(str(r.layer), kinds.get(r.kind, r.kind), str(r.n_heads), str(r.n_kv_heads), str(r.head_dim),
+                      "—" if r.scale is None else f"{r.scale:.4g}", "yes" if r.rope else "no", r.visibility, r.bias)
+    console.print(table)
+    for rejection in rejected:
+        where = f"layer {rejection.layer}: " if rejection.layer is not None else ""
+        console.print(f"rejected: {where}{rejection}", markup=False, highlight=False)
+
+
 def _check_plot(plot: Path, pipeline: list) -> None:
     """Fail before any work when --plot cannot be honoured."""
     if not any(getattr(p, "fmt", "") for p in pipeline):
@@ -294,6 +320,10 @@ def qeff_opt(
              "file, so writing into it in place changes the input and the output alike (replacing or "
              "deleting either name does not)"),
     list_passes: bool = typer.Option(False, "--list-passes", help="list passes and their options, then exit"),
+    explain: Optional[str] = typer.Option(
+        None, "--explain", metavar="kv",
+        help="show what a pass finds in each layer (kv: attention sites, heads, RoPE, visibility rule, bias, and "
+             "the candidates it rejected, with the reason) and write nothing"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing on success"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and debug logs"),
 ) -> None:
@@ -301,6 +331,9 @@ def qeff_opt(
     _set_debug(debug)
     if list_passes:
         print_pass_list()
+        return
+    if explain is not None:
+        explain_pass(model, explain, ctx_len)
         return
     run_opt(model, passes, output, ctx_len, verify, tolerance, report, external_data, quiet, plot, link_data,
             verify_text, max_perplexity_increase, min_top1_agreement)

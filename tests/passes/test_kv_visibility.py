@@ -51,3 +51,76 @@ def test_a_mask_no_rule_describes_is_refused_by_layer(tiny_export, tmp_path, exp
                                                      r"query 0 sees keys \[0, 1, 2, 3, 4, 5, 6, 7, …\]"):
         optimize(model, "kv:ctx_len=32", out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _explain(monkeypatch, capsys, *args):
+    from rich.console import Console
+
+    from qeff import cli
+    from tests.cli.test_cli import invoke
+
+    monkeypatch.setattr(cli, "console", Console(width=200))
+    return invoke(cli.opt_main, [*map(str, args), "--explain", "kv"], monkeypatch, capsys)
+
+
+def _rows(out: str) -> list[list[str]]:
+    return [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+
+
+@pytest.mark.parametrize("arch,exporter,expected", [
+    ("llama", "dynamo", ["core", "4", "2", "16", "0.25", "yes", "causal", "none"]),
+    ("mpt", "torchscript", ["core", "4", "4", "16", "0.25", "no", "causal", "ALiBi"]),
+    ("gpt2", "dynamo", ["core", "4", "4", "16", "0.25", "no", "causal", "none"]),
+])
+def test_explain_kv_tables_each_layer_and_writes_nothing(tiny_export, tmp_path, monkeypatch, capsys, arch,
+                                                       exporter, expected):
+    import shutil
+
+    from qeff.frontend import tiny_config
+
+    source = tmp_path / "m.onnx"
+    shutil.copy(tiny_export(arch, exporter=exporter), source)
+    code, out, err = _explain(monkeypatch, capsys, source)
+    assert code == 0, err
+    layers = tiny_config(arch).num_hidden_layers
+    assert _rows(out) == [[str(i), *expected] for i in range(layers)]
+    assert f"{layers} attention site(s) matched; nothing was rejected" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_explain_kv_shows_a_window_and_a_rejected_layer(tiny_export, tmp_path, monkeypatch, capsys):
+    import torch
+    import transformers
+
+    from qeff.frontend import export_causal_lm, randomize_parameters, tiny_config
+
+    config = tiny_config("mistral")
+    config.sliding_window = 5
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    randomize_parameters(model, 0)
+    path = export_causal_lm(model.eval(), tmp_path / "sw.onnx", exporter="torchscript", external_data=False,
+                            progress=False)
+    code, out, err = _explain(monkeypatch, capsys, path, "--ctx-len", "16")
+    assert code == 0, err
+    assert [row[7] for row in _rows(out)] == ["sliding window 5"] * config.num_hidden_layers
+
+    # layer 1's scores no longer come from a MatMul: it is listed as rejected, with the node
+    broken = ir.load(tiny_export("llama"))
+    softmax = [n for n in broken.graph if n.op_type == "Softmax"][1]
+    odd = ir.node("Sin", [softmax.inputs[0]], name="odd_sin")
+    broken.graph.insert_before(softmax, odd)
+    softmax.replace_input_with(0, odd.outputs[0])
+    ir.save(broken, tmp_path / "broken.onnx")
+    code, out, err = _explain(monkeypatch, capsys, tmp_path / "broken.onnx")
+    assert code == 0, err
+    assert [row[0] for row in _rows(out)] == ["0"]
+    assert "1 site(s) matched, 1 rejected" in out
+    assert f"rejected: layer 1: Softmax {softmax.name!r}:" in out and "Sin" in out
+
+
+def test_explain_takes_kv_only(tiny_export, monkeypatch, capsys):
+    from qeff import cli
+    from tests.cli.test_cli import invoke
+
+    code, out, err = invoke(cli.opt_main, [tiny_export("llama"), "--explain", "fold"], monkeypatch, capsys)
+    assert code == 2 and err.strip() == "qeff-opt: error: --explain fold: only kv can be explained — use --explain kv"
