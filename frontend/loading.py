@@ -76,7 +76,32 @@ def _check_model_type(config: dict[str, Any], folder: Path) -> str:
             f"model type {model_type!r} in {folder} is not a causal language model",
             "only decoder models loadable with AutoModelForCausalLM can be exported",
         )
+    _refuse_non_attention(config, model_type, folder)
     return model_type
+
+
+# Causal LMs whose layers (all, or some) are state-space, recurrent or convolution blocks: they
+# keep a state, not a KV cache, so the passes have nothing to rebuild in them.
+NON_ATTENTION_MODEL_TYPES = frozenset({
+    "mamba", "mamba2", "falcon_mamba", "rwkv", "recurrent_gemma", "xlstm",  # no attention at all
+    "jamba", "zamba", "zamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "lfm2",
+    "plamo2", "qwen3_next", "minimax",  # hybrids: attention in some layers only
+})
+_ATTENTION_LAYER_TYPES = ("attention", "full_attention", "sliding_attention", "chunked_attention")
+
+
+def _refuse_non_attention(config: dict[str, Any], model_type: str, folder: Path) -> None:
+    """A model whose layers are not all attention is refused by name, before any export."""
+    layer_types = config.get("layer_types")
+    others = sorted({t for t in layer_types if t not in _ATTENTION_LAYER_TYPES}) \
+        if isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types) else []
+    if model_type in NON_ATTENTION_MODEL_TYPES or others:
+        what = f"has {', '.join(others)} layers" if others else "has state-space, recurrent or convolution layers"
+        raise ExportError(
+            f"{model_type!r} in {folder} {what}, not only attention: it keeps a recurrent state, not a KV cache, "
+            "and is not supported",
+            "qeff-opt exports and rewrites decoder-only transformers (every layer attention)",
+        )
 
 
 def check_folder(folder: str | os.PathLike[str]) -> tuple[str, list[Path]]:

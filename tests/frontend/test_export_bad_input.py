@@ -137,3 +137,25 @@ def test_a_file_size_limit_in_a_real_process(checkpoint, tmp_path):
     assert len(lines) == 1 and "File too large" in lines[0], done.stderr
     assert not any(out_dir.iterdir()), sorted(out_dir.iterdir())
     assert _digest(folder) == before
+
+
+def test_a_state_space_model_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    """Mamba's layers keep a recurrent state, not a KV cache: refused before any export (the
+    export used to run and fail inside onnxruntime's check with an internal error)."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "mamba"
+    config = transformers.MambaConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, state_size=4, expand=2)
+    transformers.MambaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    capsys.readouterr()  # save_pretrained's progress bar
+    _export_refused(folder, tmp_path, monkeypatch, capsys, "'mamba' in", "has state-space, recurrent or convolution "
+                    "layers, not only attention", "not supported")
+
+
+def test_a_hybrid_layer_list_is_refused_by_name(checkpoint, tmp_path, monkeypatch, capsys):
+    """A config whose layer_types name anything but attention (a hybrid) is refused, naming it."""
+    folder = _copy(checkpoint, tmp_path)
+    _edit_config(folder, layer_types=["full_attention", "linear_attention"])
+    _export_refused(folder, tmp_path, monkeypatch, capsys, "has linear_attention layers, not only attention")
+    _edit_config(folder, layer_types=["full_attention", "sliding_attention"])  # attention only: accepted
+    code, _, err = invoke(cli.main, ["export", folder, "-o", tmp_path / "ok.onnx", "--no-check"], monkeypatch, capsys)
+    assert code == 0, err
