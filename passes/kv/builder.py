@@ -165,12 +165,20 @@ class KVGraphBuilder(GraphBuilder):
         return self._windows[window]
 
     def attention(self, query: ir.Value, key: ir.Value, value: ir.Value, scale: float,
-                  biases: list[ir.Value], dtype: np.dtype, visible: ir.Value | None = None) -> ir.Value:
-        """softmax(where(visible, q·kᵀ·scale + bias, min)) · v over the whole cache."""
+                  biases: list[ir.Value], dtype: np.dtype, visible: ir.Value | None = None,
+                  softcap: tuple[float, float] | None = None) -> ir.Value:
+        """softmax(where(visible, cap(q·kᵀ·scale) + bias, min)) · v over the whole cache, where
+        cap(s) = c · tanh(a · s) with a soft-cap (a, c), else s."""
         kt = self.op("Transpose", [key], {"perm": [0, 1, 3, 2]})
         scores = self.op("MatMul", [query, kt], what="scores")
         if scale != 1.0:
             scores = self.op("Mul", [scores, self.const(np.array(scale, dtype=dtype))])
+        if softcap is not None:
+            inner, cap = softcap
+            if inner != 1.0:
+                scores = self.op("Mul", [scores, self.const(np.array(inner, dtype=dtype))])
+            scores = self.op("Mul", [self.op("Tanh", [scores]), self.const(np.array(cap, dtype=dtype))],
+                             what="softcapped")
         for b in biases:
             scores = self.op("Add", [scores, b])
         fill = self.const(np.array(np.finfo(dtype).min, dtype=dtype))

@@ -100,6 +100,8 @@ class AttentionSite:
     # Constant factor already applied to ``query`` (sdpa pre-scales q by sqrt(scale)); it is
     # part of ``scale``, so scores from ``query`` need ``scale / query_scale`` more.
     query_scale: float = 1.0
+    # Attention logit soft-capping c · tanh(a · scores) after the scale (Gemma-2): (a, c).
+    softcap: tuple[float, float] | None = None
 
 
 class _NoMatch(Exception):
@@ -183,6 +185,22 @@ def _scalar_factor(node: ir.Node, data: ir.Value) -> tuple[ir.Value, float] | No
     return None
 
 
+def _softcap(node: ir.Node) -> tuple[ir.Value, float, float] | None:
+    """``c · tanh(a · s)`` (attention logit soft-capping, Gemma-2) ending at ``node``:
+    (s, a, c); None for anything else."""
+    if node.op_type != "Mul" or len(node.inputs) != 2:
+        return None
+    for t, c in (node.inputs, reversed(node.inputs)):
+        cap = const_scalar(c)
+        tanh = t.producer() if t is not None else None
+        if cap is None or tanh is None or tanh.op_type != "Tanh":
+            continue
+        inner = tanh.inputs[0]
+        factor = _scalar_factor(inner.producer(), inner) if inner.producer() is not None else None
+        return (factor[0], factor[1], cap) if factor is not None else (inner, 1.0, cap)
+    return None
+
+
 def _reaches_matmul(v: ir.Value | None, depth: int = 8) -> bool:
     """Whether a MatMul is reachable upwards through score-path ops (Add/Mul/Div/Where/Cast)."""
     if v is None or depth < 0:
@@ -192,7 +210,7 @@ def _reaches_matmul(v: ir.Value | None, depth: int = 8) -> bool:
         return False
     if p.op_type == "MatMul":
         return True
-    if p.op_type in _SCORE_PATH_OPS:
+    if p.op_type in _SCORE_PATH_OPS or p.op_type == "Tanh":  # Tanh: a soft-cap on the scores
         return any(_reaches_matmul(x, depth - 1) for x in p.inputs)
     return False
 
@@ -324,6 +342,7 @@ class _Matcher:
         bias: list[ir.Value] = []
         v = x
         score_matmul = None
+        softcap = None
         for _ in range(_WALK_LIMIT):
             p = v.producer()
             if p is None:
@@ -335,6 +354,16 @@ class _Matcher:
             if op in ("Cast", "Identity"):
                 v = p.inputs[0]
                 continue
+            cap = _softcap(p)
+            if cap is not None:
+                # The rewrite applies scale, then the cap, then bias and mask: anything the walk
+                # met above the cap is outside it, and only bias and mask may be.
+                if softcap is not None or have_scale:
+                    raise _NoMatch(f"a scale or a second soft-cap outside the soft-cap {p.name!r}")
+                v, softcap = cap[0], (cap[1], cap[2])
+                continue
+            if softcap is not None and op in ("Add", "Sub", "Where"):
+                raise _NoMatch(f"{op} {p.name!r} inside the soft-cap: only a scale may be")
             sf = _scalar_factor(p, v)
             if sf is not None:
                 scale *= sf[1]
@@ -420,7 +449,7 @@ class _Matcher:
             attention_node=None, mask=mask, mask_node=mask_node, bias=bias,
             scale=scale if have_scale else None, n_heads=n_heads, n_kv_heads=n_kv,
             head_dim=head_dim, key_transposed_by=transposed_by,
-            key_layout=key_layout, value_layout=value_layout, query_scale=qf,
+            key_layout=key_layout, value_layout=value_layout, query_scale=qf, softcap=softcap,
         )
 
     def _pick_key_value(self, kchain, vchain, n_heads: int, head_dim: int, seq):

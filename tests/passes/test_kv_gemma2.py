@@ -1,0 +1,66 @@
+"""Gemma-2 through kv, token for token against Hugging Face: attention logit soft-capping
+(c · tanh(s / c) between the scaled scores and the mask), local layers with a sliding window
+next to global ones (read from each layer's mask), query_pre_attn_scalar, and the final logit
+soft-cap after the lm_head, on a right-padded batch of two prompts that cross the window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qeff.optimizer import optimize
+from tests.kv_drive import kv_generate
+
+pytestmark = pytest.mark.slow
+CTX = 32
+
+
+def _gemma2():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qeff.frontend import randomize_parameters
+
+    config = transformers.Gemma2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=4, max_position_embeddings=128,
+        query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    randomize_parameters(model, 0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return torch, model
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_gemma2_matches_hugging_face(tmp_path, exporter, monkeypatch, capsys):
+    import json
+
+    from qeff.frontend import export_causal_lm
+
+    torch, model = _gemma2()
+    path = export_causal_lm(model, tmp_path / "g2.onnx", exporter=exporter, external_data=False, progress=False)
+    out = tmp_path / "g2.kv.onnx"
+    result = optimize(path, f"kv:ctx_len={CTX}", out)
+    assert result.manifest.kv.visibility == ["sliding window 4", "causal"]  # layer 0 local, layer 1 global
+    prompts = [[5, 9, 3, 7, 11, 2, 8, 6, 4, 10], [12, 13, 14]]
+    got = kv_generate(str(out), prompts, 12, ctx_len=CTX)
+    for r, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True)
+        assert got.tokens[r] == hf.sequences[0, len(prompt):].tolist()
+        for a, b in zip(got.logits[r], hf.logits):
+            np.testing.assert_allclose(a, b[0].numpy(), atol=1e-4, rtol=0)
+    assert json.loads(out.with_name("g2.kv.qeff.json").read_text())["kv"]["visibility"][0] == "sliding window 4"
+
+    from rich.console import Console
+
+    from qeff import cli
+    from tests.cli.test_cli import invoke
+
+    monkeypatch.setattr(cli, "console", Console(width=200))
+    code, text, err = invoke(cli.opt_main, [path, "--explain", "kv"], monkeypatch, capsys)
+    assert code == 0, err
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+    assert [row[7:9] for row in rows] == [["sliding window 4", "5"], ["causal", "5"]]
