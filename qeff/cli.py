@@ -254,14 +254,14 @@ def explain_pass(model: Optional[Path], name: str, ctx_len: Optional[int]) -> No
     check_model(ir_model)
     rows, rejected, summary = explain_kv(ir_model, ctx_len or 256)
     table = Table(title=f"kv in {model.name}: {summary}", title_justify="left")
-    for column in ("layer", "site", "heads", "kv", "dim", "scale", "RoPE", "visibility", "soft-cap", "bias"):
+    for column in ("layer", "site", "heads", "kv", "dim", "scale", "RoPE", "visibility", "soft-cap", "sinks", "bias"):
         table.add_column(column, justify="right" if column in ("layer", "heads", "kv", "dim") else "left",
                          no_wrap=column == "visibility")
     kinds = {"decomposed": "core", "attention_op": "Attention"}
     for r in rows:
         table.add_row(str(r.layer), kinds.get(r.kind, r.kind), str(r.n_heads), str(r.n_kv_heads), str(r.head_dim),
                       "—" if r.scale is None else f"{r.scale:.4g}", "yes" if r.rope else "no", r.visibility,
-                      "—" if r.softcap is None else f"{r.softcap:g}", r.bias)
+                      "—" if r.softcap is None else f"{r.softcap:g}", "yes" if r.sinks else "no", r.bias)
     console.print(table)
     for rejection in rejected:
         where = f"layer {rejection.layer}: " if rejection.layer is not None else ""
@@ -323,7 +323,7 @@ def qeff_opt(
     list_passes: bool = typer.Option(False, "--list-passes", help="list passes and their options, then exit"),
     explain: Optional[str] = typer.Option(
         None, "--explain", metavar="kv",
-        help="show what a pass finds in each layer (kv: attention sites, heads, RoPE, visibility rule, soft-cap, bias, and "
+        help="show what a pass finds in each layer (kv: attention sites, heads, RoPE, visibility rule, soft-cap, sinks, bias, and "
              "the candidates it rejected, with the reason) and write nothing"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing on success"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks and debug logs"),

@@ -166,7 +166,7 @@ class KVGraphBuilder(GraphBuilder):
 
     def attention(self, query: ir.Value, key: ir.Value, value: ir.Value, scale: float,
                   biases: list[ir.Value], dtype: np.dtype, visible: ir.Value | None = None,
-                  softcap: tuple[float, float] | None = None) -> ir.Value:
+                  softcap: tuple[float, float] | None = None, sinks: np.ndarray | None = None) -> ir.Value:
         """softmax(where(visible, cap(q·kᵀ·scale) + bias, min)) · v over the whole cache, where
         cap(s) = c · tanh(a · s) with a soft-cap (a, c), else s."""
         kt = self.op("Transpose", [key], {"perm": [0, 1, 3, 2]})
@@ -184,6 +184,16 @@ class KVGraphBuilder(GraphBuilder):
         fill = self.const(np.array(np.finfo(dtype).min, dtype=dtype))
         scores = self.op("Where", [visible if visible is not None else self.visible, scores, fill],
                          what="masked_scores")
+        if sinks is not None:
+            # Each head's sink logit joins every row: it takes its share of the softmax and is
+            # dropped after it, so the rows of visible slots no longer sum to one.
+            column = self.op("Expand", [self.const(sinks.reshape(1, -1, 1, 1).astype(dtype)),
+                                        self.op("Concat", [self.op("Shape", [scores], {"end": 3}), self.i64(1)],
+                                                {"axis": 0})], what="sink_column")
+            scores = self.op("Concat", [scores, column], {"axis": -1}, "with_sinks")
+            probs = self.op("Softmax", [scores], {"axis": -1}, "probs")
+            probs = self.op("Slice", [probs, self.i64(0), self.i64(-1), self.i64(-1)], what="without_sinks")
+            return self.op("MatMul", [probs, value], what="attn_out")
         probs = self.op("Softmax", [scores], {"axis": -1}, "probs")
         return self.op("MatMul", [probs, value], what="attn_out")
 

@@ -3,9 +3,9 @@
 One row per attention site: its kind (decomposed core or ONNX ``Attention`` node), heads, KV
 heads, head dim, scale, whether K is rotated by position (RoPE: a ``Mul`` between the K
 projection and the cache write whose other operand is computed from ``position_ids``), the
-visibility rule read from its mask (:mod:`.visibility`), its logit soft-cap (Gemma-2) and its
-score bias (ALiBi or none). Every Softmax or ``Attention`` node the matcher did not take is
-listed with its reason (gpt-oss's sinks, for one, show up there).
+visibility rule read from its mask (:mod:`.visibility`), its logit soft-cap (Gemma-2), whether it
+has attention sinks (gpt-oss) and its score bias (ALiBi or none). Every Softmax or ``Attention``
+node the matcher did not take is listed with its reason (an MoE router's Softmax, for one).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class ExplainedSite:
     visibility: str
     bias: str
     softcap: float | None = None  # c of c · tanh(a · scores)
+    sinks: bool = False  # a learned logit per head joined to the scores (gpt-oss)
 
 
 def _rotated_by_position(site: AttentionSite, graph: ir.Graph) -> bool:
@@ -69,5 +70,5 @@ def explain_kv(model: ir.Model, ctx_len: int = 256) -> tuple[list[ExplainedSite]
             layer=s.layer, kind=s.kind, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, head_dim=s.head_dim,
             scale=s.scale, rope=_rotated_by_position(s, model.graph),
             visibility=str(rules[s.layer]) if rules else ("no mask" if s.mask is None else "not probed"),
-            bias=bias, softcap=s.softcap[1] if s.softcap is not None else None))
+            bias=bias, softcap=s.softcap[1] if s.softcap is not None else None, sinks=s.sinks is not None))
     return rows, found.rejected, found.explain()

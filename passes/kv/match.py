@@ -102,6 +102,9 @@ class AttentionSite:
     query_scale: float = 1.0
     # Attention logit soft-capping c · tanh(a · scores) after the scale (Gemma-2): (a, c).
     softcap: tuple[float, float] | None = None
+    # Attention sinks (gpt-oss): one learned logit per head joined to each row of scores before
+    # the Softmax and dropped after it.
+    sinks: np.ndarray | None = None
 
 
 class _NoMatch(Exception):
@@ -183,6 +186,45 @@ def _scalar_factor(node: ir.Node, data: ir.Value) -> tuple[ir.Value, float] | No
     if f is not None and f != 0 and const_scalar(a) is None:
         return a, 1.0 / f
     return None
+
+
+def _small_const(v: ir.Value | None) -> np.ndarray | None:
+    """A small constant vector, also through an Unsqueeze/Reshape/Cast of one (as TorchScript
+    writes Slice bounds before fold)."""
+    array = const_array(v, max_elements=16)
+    if array is not None or v is None or v.producer() is None:
+        return array.reshape(-1) if array is not None else None
+    p = v.producer()
+    if p.op_type in ("Unsqueeze", "Reshape", "Cast", "Identity", "Squeeze") and p.inputs:
+        inner = const_array(p.inputs[0], max_elements=16)
+        return inner.reshape(-1) if inner is not None else None
+    return None
+
+
+def _drops_last_column(node: ir.Node) -> bool:
+    """A Slice that keeps all but the last element of the last axis (``x[..., :-1]``)."""
+    if node.op_type != "Slice" or len(node.inputs) < 4:
+        return False
+    starts, ends, axes = (_small_const(x) for x in node.inputs[1:4])
+    steps = _small_const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else np.ones(1)
+    return (starts is not None and ends is not None and axes is not None and steps is not None
+            and starts.tolist() == [0] and ends.tolist() == [-1] and axes.tolist() in ([-1], [3])
+            and steps.tolist() == [1])
+
+
+def _sink_logits(term: ir.Value, n_heads_hint: int | None = None) -> np.ndarray | None:
+    """The per-head learned sink logits behind the column joined to the scores (gpt-oss): the
+    one float parameter in the column's ancestry, of one value per head."""
+    from qeff.passes.ir.traversal import ancestors
+
+    found = []
+    for x in ancestors(term, limit=40):
+        array = const_array(x, max_elements=4096)
+        if array is not None and array.size > 1 and np.issubdtype(array.dtype, np.floating):
+            found.append(array.reshape(-1))  # [h], or already [1, h, 1, 1] in a folded graph
+    if len(found) != 1 or (n_heads_hint is not None and found[0].size != n_heads_hint):
+        return None
+    return found[0]
 
 
 def _softcap(node: ir.Node) -> tuple[ir.Value, float, float] | None:
@@ -313,10 +355,11 @@ class _Matcher:
         if axis >= 0 and rank is None and axis != 3:
             raise _NoMatch("Softmax of unknown rank over a non-last axis")
 
-        # Forward: softmax -> [Cast | Identity | Dropout | NaN-guard Where] -> MatMul (A input).
+        # Forward: softmax -> [Cast | Identity | Dropout | NaN-guard Where | x[..., :-1]] -> MatMul (A input).
         out = softmax.outputs[0]
         output_matmul = None
-        for _ in range(4):
+        sink_slice = None
+        for _ in range(5):
             nxt = None
             for use in out.uses():
                 node, idx = use.node, use.idx
@@ -325,6 +368,8 @@ class _Matcher:
                     break
                 if node.op_type in ("Cast", "Identity", "Dropout") and idx == 0:
                     nxt = node.outputs[0]
+                elif idx == 0 and _drops_last_column(node):  # the sink column leaves (gpt-oss)
+                    nxt, sink_slice = node.outputs[0], node
                 elif node.op_type == "Where" and idx in (1, 2):
                     cond = node.inputs[0].producer() if node.inputs[0] is not None else None
                     if cond is not None and cond.op_type == "IsNaN":
@@ -343,6 +388,21 @@ class _Matcher:
         v = x
         score_matmul = None
         softcap = None
+        sinks = None
+        if sink_slice is not None:
+            p = v.producer()
+            if p is not None and p.op_type == "Sub" and len(p.inputs) == 2 and p.inputs[1] is not None \
+                    and p.inputs[1].producer() is not None and p.inputs[1].producer().op_type == "ReduceMax":
+                v = p.inputs[0]  # x - max(x): softmax is unchanged by it
+            p = v.producer()
+            axis = p.attributes.get("axis") if p is not None else None
+            if p is None or p.op_type != "Concat" or len(p.inputs) != 2 or axis is None or axis.value not in (-1, 3):
+                raise _NoMatch(f"Softmax output is cut by {sink_slice.name!r} but its input is not scores "
+                               "joined to a sink column")
+            sinks = _sink_logits(p.inputs[1])
+            if sinks is None:
+                raise _NoMatch(f"the column joined to the scores in {p.name!r} is not one learned logit per head")
+            v = p.inputs[0]
         for _ in range(_WALK_LIMIT):
             p = v.producer()
             if p is None:
@@ -442,6 +502,8 @@ class _Matcher:
             if node.op_type == "Transpose":
                 transposed_by = node
                 break
+        if sinks is not None and sinks.size != n_heads:
+            raise _NoMatch(f"{sinks.size} sink logits for {n_heads} heads")
         return AttentionSite(
             layer=-1, kind="decomposed", query=query, key=key, value=value,
             key_for_scores=key_for_scores, value_for_output=value_for_output,
@@ -449,7 +511,7 @@ class _Matcher:
             attention_node=None, mask=mask, mask_node=mask_node, bias=bias,
             scale=scale if have_scale else None, n_heads=n_heads, n_kv_heads=n_kv,
             head_dim=head_dim, key_transposed_by=transposed_by,
-            key_layout=key_layout, value_layout=value_layout, query_scale=qf, softcap=softcap,
+            key_layout=key_layout, value_layout=value_layout, query_scale=qf, softcap=softcap, sinks=sinks,
         )
 
     def _pick_key_value(self, kchain, vchain, n_heads: int, head_dim: int, seq):

@@ -68,9 +68,9 @@ def _rows(out: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("arch,exporter,expected", [
-    ("llama", "dynamo", ["core", "4", "2", "16", "0.25", "yes", "causal", "—", "none"]),
-    ("mpt", "torchscript", ["core", "4", "4", "16", "0.25", "no", "causal", "—", "ALiBi"]),
-    ("gpt2", "dynamo", ["core", "4", "4", "16", "0.25", "no", "causal", "—", "none"]),
+    ("llama", "dynamo", ["core", "4", "2", "16", "0.25", "yes", "causal", "—", "no", "none"]),
+    ("mpt", "torchscript", ["core", "4", "4", "16", "0.25", "no", "causal", "—", "no", "ALiBi"]),
+    ("gpt2", "dynamo", ["core", "4", "4", "16", "0.25", "no", "causal", "—", "no", "none"]),
 ])
 def test_explain_kv_tables_each_layer_and_writes_nothing(tiny_export, tmp_path, monkeypatch, capsys, arch,
                                                        exporter, expected):
