@@ -6,11 +6,10 @@ exporters alternate over the cases; each pair was also run with the other export
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from qeff.optimizer import optimize
-from tests.kv_drive import kv_generate
+from tests.kv_drive import assert_generates_like_hf
 
 pytestmark = pytest.mark.slow
 CTX = 32
@@ -46,7 +45,7 @@ VISIBILITY = {"gemma3_text": ["sliding window 4", "causal"]}
 
 @pytest.mark.parametrize("arch,exporter", CASES, ids=[f"{a}-{e}" for a, e in CASES])
 def test_matches_hugging_face(tmp_path, arch, exporter):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from qeff.frontend import export_causal_lm, randomize_parameters
 
@@ -57,13 +56,4 @@ def test_matches_hugging_face(tmp_path, arch, exporter):
     path = export_causal_lm(model, tmp_path / f"{arch}.onnx", exporter=exporter, external_data=False, progress=False)
     result = optimize(path, f"kv:ctx_len={CTX}", tmp_path / "kv.onnx")
     assert result.manifest.kv.visibility == VISIBILITY.get(arch, ["causal", "causal"])
-    prompts = [[5, 9, 3, 7, 11, 2, 8, 6, 4, 10], [12, 13, 14]]
-    got = kv_generate(str(result.output), prompts, 12, ctx_len=CTX)
-    for r, prompt in enumerate(prompts):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                output_logits=True, return_dict_in_generate=True)
-        assert got.tokens[r] == hf.sequences[0, len(prompt):].tolist()
-        for a, b in zip(got.logits[r], hf.logits):
-            np.testing.assert_allclose(a, b[0].numpy(), atol=1e-4, rtol=0)
+    assert_generates_like_hf(model, result.output, CTX)

@@ -9,18 +9,17 @@ batch of two prompts that cross the window, with both exporters:
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from qeff.optimizer import optimize
-from tests.kv_drive import kv_generate
+from tests.kv_drive import assert_generates_like_hf
 
 pytestmark = pytest.mark.slow
 CTX = 32
 
 
 def _model(arch: str):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from qeff.frontend import randomize_parameters
 
@@ -36,7 +35,7 @@ def _model(arch: str):
     randomize_parameters(model, 0)  # the sink logits too
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    return torch, model
+    return model
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -46,21 +45,12 @@ def test_matches_hugging_face(tmp_path, arch, exporter, monkeypatch, capsys):
 
     from qeff.frontend import export_causal_lm
 
-    torch, model = _model(arch)
+    model = _model(arch)
     path = export_causal_lm(model, tmp_path / "g2.onnx", exporter=exporter, external_data=False, progress=False)
     out = tmp_path / "g2.kv.onnx"
     result = optimize(path, f"kv:ctx_len={CTX}", out)
     assert result.manifest.kv.visibility == ["sliding window 4", "causal"]  # layer 0 local, layer 1 global
-    prompts = [[5, 9, 3, 7, 11, 2, 8, 6, 4, 10], [12, 13, 14]]
-    got = kv_generate(str(out), prompts, 12, ctx_len=CTX)
-    for r, prompt in enumerate(prompts):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                output_logits=True, return_dict_in_generate=True)
-        assert got.tokens[r] == hf.sequences[0, len(prompt):].tolist()
-        for a, b in zip(got.logits[r], hf.logits):
-            np.testing.assert_allclose(a, b[0].numpy(), atol=1e-4, rtol=0)
+    assert_generates_like_hf(model, out, CTX)
     assert json.loads(out.with_name("g2.kv.qeff.json").read_text())["kv"]["visibility"][0] == "sliding window 4"
 
     from rich.console import Console
