@@ -41,10 +41,13 @@ class Continuation:
     total: int = 0
 
 
-def _without_lossy(specs, pipeline) -> list | None:
-    """The pipeline's specs with its lossy (MX) passes left out; None when none was, or none is left."""
-    kept = [spec for spec, p in zip(specs, pipeline) if not p.lossy]
-    return kept if kept and len(kept) < len(specs) else None
+def _without_lossy(specs, pipeline) -> tuple[list, list] | None:
+    """(specs, passes) of the pipeline with its lossy (MX) passes left out; None when none was,
+    or none is left. Passes keep no state between runs, so the built ones serve again."""
+    kept = [(spec, p) for spec, p in zip(specs, pipeline) if not p.lossy]
+    if not kept or len(kept) == len(specs):
+        return None
+    return [spec for spec, _ in kept], [p for _, p in kept]
 
 
 def _text(specs) -> str:
@@ -61,7 +64,6 @@ def run_reference_demo(*, exporter: str = "torchscript", workdir: Path = Path("q
     from qeff.evaluation.text import load_tokenizer
     from qeff.frontend import export_model
     from qeff.optimizer import optimize
-    from qeff.passes.infra.pipeline import build_passes
     from qeff.reference import CHECKPOINT, TOKENIZER
     from qeff.verify import describe
 
@@ -69,9 +71,8 @@ def run_reference_demo(*, exporter: str = "torchscript", workdir: Path = Path("q
     workdir = Path(workdir)
     specs, pipeline, ctx_len = demo_pipeline(passes, ctx_len, DEFAULT_CTX_LEN)
     has_kv = any(spec.name == "kv" for spec in specs)
-    overrides = {"ctx_len": str(ctx_len)} if ctx_len is not None else None
     kept = _without_lossy(specs, pipeline)
-    plain = _text(kept) if kept else None
+    plain = _text(kept[0]) if kept else None
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
@@ -88,8 +89,7 @@ def run_reference_demo(*, exporter: str = "torchscript", workdir: Path = Path("q
     console.print(f"   verified: {describe(full.report.verification)}", markup=False, highlight=False)
     fp16 = None
     if plain is not None:
-        fp16 = optimize(exported.path, build_passes(kept, overrides),
-                        workdir / "reference.fp16.onnx", verify=True)
+        fp16 = optimize(exported.path, kept[1], workdir / "reference.fp16.onnx", verify=True)
         console.print(f"3. ran {plain} (no MX) → {fp16.output}; verified: {describe(fp16.report.verification)}",
                       markup=False, highlight=False)
 
@@ -154,9 +154,9 @@ def _print_continuations(console: Console, rows: list[Continuation]) -> None:
         table.add_column("continuation")
         table.add_column("tokens = fp32", justify="right")
         for row in rows:
-            same = "—" if not row.total else str(sum(a == b for a, b in zip(row.tokens[i], rows[0].tokens[i])))
+            same = str(sum(a == b for a, b in zip(row.tokens[i], rows[0].tokens[i]))) if row.total else "—"
             # Line breaks shown as ↵, so each continuation reads as one line of text.
-            table.add_row(row.label, row.texts[i].replace("\n", "↵"), same if row.total else "—")
+            table.add_row(row.label, row.texts[i].replace("\n", "↵"), same)
         console.print(table)
     for row in rows[1:]:
         console.print(f"   {row.label}: {row.agree}/{row.total} tokens equal to the fp32 export's")

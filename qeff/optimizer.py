@@ -83,7 +83,8 @@ def optimize(
         check_output_file(report_path, "the report", protected | written)
     previous = _previous_manifest(input_path)
     text = None
-    if verify:
+    # Only a lossy or fp16 pipeline is measured on a text (qeff.verify.pipeline): no other looks for one.
+    if verify and (verify_text is not None or any(p.lossy or p.name == "fp16clip" for p in pipeline)):
         if verify_text is not None and input_path is None:
             raise QeffError("--verify-text needs the model as a file, to find its tokenizer",
                             "save the model first, with its tokenizer.json beside it")

@@ -17,7 +17,8 @@
 
 from __future__ import annotations
 
-__all__ = ["GenerationResult", "GenerationStats", "generate", "Sampler", "context_length", "vocab_size"]
+__all__ = ["GenerationResult", "GenerationStats", "generate", "Sampler", "context_length", "vocab_size",
+           "prefill_length", "full_batch_size"]
 
 import collections
 import dataclasses
@@ -124,7 +125,7 @@ def _static_dim(session: Session, name: str, axis: int) -> int | None:
     return dims[axis] if len(dims) > axis and isinstance(dims[axis], int) else None
 
 
-def _prefill_len(session: Session, requested: int | None, ctx: int | None) -> int:
+def prefill_length(session: Session, requested: int | None, ctx: int | None) -> int:
     """The prefill chunk: the model's fixed sequence length, the one requested, the compiled
     one, else 32 (at most ``ctx``). Refused when it is below 1 or above the cache's ``ctx``."""
     if requested is not None:
@@ -230,7 +231,7 @@ def generate(session: Session, prompts: Sequence[Sequence[int]], max_new_tokens:
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     sampler = Sampler(temperature, top_k, top_p, seed)
     ctx = context_length(session)
-    chunk = _prefill_len(session, prefill_len, ctx)
+    chunk = prefill_length(session, prefill_len, ctx)
     _check_fits(session, prompts, max_new_tokens, ctx)
     if reset:
         session.reset()
@@ -334,7 +335,7 @@ class _Runner:
 
     def continuous(self, prompts: Sequence[Sequence[int]]) -> None:
         """Continuous batching: ``full_batch_size`` cache rows serve a queue of prompts."""
-        slots = _full_batch_size(self.session)
+        slots = full_batch_size(self.session)
         self._start(len(prompts))
         queue = collections.deque(range(len(prompts)))
         active: dict[int, int] = {}  # slot -> prompt
@@ -370,7 +371,7 @@ class _Runner:
                     admit(slot)
 
 
-def _full_batch_size(session: Session) -> int:
+def full_batch_size(session: Session) -> int:
     sizes = [s.get("full_batch_size") for s in session.specializations if s.get("full_batch_size")]
     size = max(sizes) if sizes else getattr(session, "full_batch_size", None)
     if not size:

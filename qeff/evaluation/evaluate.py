@@ -95,12 +95,9 @@ class EvalResult:
         return table
 
 
-def fp32_nodes(model: Path) -> list[str]:
-    """The values fp16clip kept in float32: the ``FP32NodeInstanceNames`` list the manifest beside
-    ``model`` names (the compiler's ``-node-precision-info`` file); empty when there is none."""
-    from qeff.contract import read_manifest
-
-    manifest = read_manifest(model)
+def fp32_nodes(model: Path, manifest) -> list[str]:
+    """The values fp16clip kept in float32: the ``FP32NodeInstanceNames`` list ``model``'s manifest
+    names (the compiler's ``-node-precision-info`` file); empty when there is none."""
     if manifest is None or not manifest.node_precision_info:
         return []
     npi = model.parent / manifest.node_precision_info
@@ -169,14 +166,13 @@ def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = 
     with contextlib.ExitStack() as stack:
         source = model
         if fp16_sim:
+            from qeff.contract import read_manifest
             from qeff.passes.fp16.simulation import simulation_beside
 
-            source = stack.enter_context(simulation_beside(model, fp32_nodes(model)))
-            if ctx_len is None:  # the simulation is a file of its own, with no manifest beside it
-                from qeff.contract import read_manifest
-
-                manifest = read_manifest(model)
-                ctx_len = manifest.ctx_len if manifest is not None else None
+            manifest = read_manifest(model)
+            source = stack.enter_context(simulation_beside(model, fp32_nodes(model, manifest)))
+            if ctx_len is None and manifest is not None:  # the simulation has no manifest beside it
+                ctx_len = manifest.ctx_len
         scorer = stack.enter_context(_closing(open_scorer(source, model.name, kv=has_cache(model), ctx_len=ctx_len)))
         ref_scorer = None
         if reference is not None:

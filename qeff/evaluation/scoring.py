@@ -22,8 +22,7 @@ import os
 
 import numpy as np
 
-from qeff.contract import (ATTENTION_MASK, BATCH_INDEX, INPUT_IDS, LOGITS, POSITION_IDS, SEQ_LEN,
-                           is_cache_input)
+from qeff.contract import ATTENTION_MASK, BATCH_INDEX, INPUT_IDS, LOGITS, POSITION_IDS, is_cache_input
 from qeff.errors import QeffError
 
 DEFAULT_BATCH = 8
@@ -114,7 +113,7 @@ class KVScorer(Scorer):
 
     def __init__(self, model: str | os.PathLike | bytes, label: str, ctx_len: int | None = None) -> None:
         from qeff.runtime import OrtSession
-        from qeff.runtime.generate import context_length
+        from qeff.runtime.generate import context_length, full_batch_size, prefill_length
 
         self.session = OrtSession(model, ctx_len=ctx_len)
         self.label = label
@@ -130,16 +129,10 @@ class KVScorer(Scorer):
         ids = self.session.spec(INPUT_IDS).shape
         batch, self.seq = _static(ids[0]), _static(ids[1])
         if self.continuous:
-            from qeff.runtime.generate import _full_batch_size
-
-            self.rows, self.fixed_rows = _full_batch_size(self.session), True
+            self.rows, self.fixed_rows = full_batch_size(self.session), True
         elif batch is not None:
             self.rows, self.fixed_rows = batch, True
-        if self.seq is not None:
-            self.chunk = self.seq
-        else:
-            lengths = [s.get(SEQ_LEN) for s in self.session.specializations if s.get(SEQ_LEN)]
-            self.chunk = max(lengths) if lengths else min(32, ctx)
+        self.chunk = prefill_length(self.session, None, ctx)  # the prefill chunk generate would use
         self.decode_len = self.seq or 1
         self.vocab = self.session.vocab_size
 

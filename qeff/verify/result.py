@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = ["Verification", "describe", "failure_message"]
 
 import dataclasses
+import math
 from typing import Any
 
 
@@ -69,7 +70,7 @@ def describe(v: Verification) -> str:
 
 def _change(q: dict[str, Any]) -> str:
     change = q["perplexity_change"]
-    return "NaN/Inf" if change is None or change != change or change in (float("inf"),) else f"{change:+.2%}"
+    return "NaN/Inf" if change is None or not math.isfinite(change) else f"{change:+.2%}"
 
 
 def failure_message(v: Verification) -> str:
