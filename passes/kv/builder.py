@@ -16,7 +16,7 @@ Design points (why the graph looks the way it does):
   with a different valid write). Every index stays in range (onnxruntime rejects
   out-of-range ones) and the per-layer cost is two gathers of ``[b, n_kv, 1, d]``.
 - Slot ``c`` is visible to a query at position ``p`` iff ``c <= p`` (and ``c > p - window``
-  with a sliding window). Masking is a select (``Where``), not an addition, so a row with
+  with a sliding window, ``c // chunk == p // chunk`` with chunked attention). Masking is a select (``Where``), not an addition, so a row with
   nothing visible gets a uniform softmax instead of NaN.
 """
 
@@ -55,7 +55,7 @@ class KVGraphBuilder(GraphBuilder):
         c4 = self.op("Reshape", [slots, self.i64(1, 1, 1, -1)])  # [1, 1, 1, ctx]
         self.visible = self.op("LessOrEqual", [c4, p4], what="visible")
         self._p4, self._c4 = p4, c4
-        self._windows: dict[int, ir.Value] = {}
+        self._windows: dict[tuple[str, int], ir.Value] = {}
 
         # Scatter slots [b, S]: valid tokens at their position, pads at their row's last valid
         # position, or at slot 0 when the row has none (the max position is then negative).
@@ -153,16 +153,22 @@ class KVGraphBuilder(GraphBuilder):
         c = self.op("Reshape", [c, self.i64(1, 1, 1, -1)])
         return self.op("Mul", [c, self.const(slopes.reshape(1, -1, 1, 1).astype(dtype))], what="alibi")
 
-    def visibility(self, window: int | None) -> ir.Value:
-        """[b, 1, S, ctx]: causal, or with a sliding window also ``c > p - window`` (built once
-        per window and shared by the layers that use it)."""
-        if window is None:
+    def visibility(self, window: int | None, chunk: int | None = None) -> ir.Value:
+        """[b, 1, S, ctx]: causal, with a sliding window also ``c > p - window``, with chunked
+        attention also ``c // chunk == p // chunk`` (each built once and shared by the layers
+        that use it). A pad's position is negative: it sees nothing either way."""
+        if window is None and chunk is None:
             return self.visible
-        if window not in self._windows:
-            lowest = self.op("Sub", [self._p4, self.const(np.int64(window))])
-            self._windows[window] = self.op("And", [self.visible, self.op("Greater", [self._c4, lowest])],
-                                            what=f"visible_window{window}")
-        return self._windows[window]
+        key = ("window", window) if window is not None else ("chunk", chunk)
+        if key not in self._windows:
+            if window is not None:
+                lowest = self.op("Sub", [self._p4, self.const(np.int64(window))])
+                rule = self.op("Greater", [self._c4, lowest])
+            else:
+                size = self.const(np.int64(chunk))
+                rule = self.op("Equal", [self.op("Div", [self._c4, size]), self.op("Div", [self._p4, size])])
+            self._windows[key] = self.op("And", [self.visible, rule], what=f"visible_{key[0]}{key[1]}")
+        return self._windows[key]
 
     def attention(self, query: ir.Value, key: ir.Value, value: ir.Value, scale: float,
                   biases: list[ir.Value], dtype: np.dtype, visible: ir.Value | None = None,

@@ -19,7 +19,9 @@ import onnx_ir as ir
 from qeff.contract import POSITION_IDS
 from qeff.passes.ir.traversal import ancestors
 from qeff.passes.kv.match import AttentionSite, Rejection, match_attention
-from qeff.passes.kv.visibility import MAX_PROBE, probe_visibility
+from qeff.passes.kv.bias import probe_biases
+from qeff.passes.kv.probe import MAX_PROBE
+from qeff.passes.kv.visibility import probe_visibility
 
 
 @dataclasses.dataclass
@@ -57,15 +59,13 @@ def _rotated_by_position(site: AttentionSite, graph: ir.Graph) -> bool:
 
 def explain_kv(model: ir.Model, ctx_len: int = 256) -> tuple[list[ExplainedSite], list[Rejection], str]:
     """(one row per site, the rejected candidates, the matcher's one-line summary)."""
-    from qeff.passes.kv.plan import _alibi_slopes
-
     found = match_attention(model)
-    rules = probe_visibility(model, found.sites, min(ctx_len + 1, MAX_PROBE)) if found.sites else None
+    length = min(ctx_len + 1, MAX_PROBE)
+    rules = probe_visibility(model, found.sites, length) if found.sites else None
+    biases = probe_biases(model, found.sites, length)
     rows = []
     for s in found.sites:
-        bias = "none"
-        if s.bias:
-            bias = "ALiBi" if _alibi_slopes(s, s.bias[0]) is not None else f"other ({s.bias[0].name})"
+        bias = str(biases[s.layer]) if s.layer in biases else "none"
         rows.append(ExplainedSite(
             layer=s.layer, kind=s.kind, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, head_dim=s.head_dim,
             scale=s.scale, rope=_rotated_by_position(s, model.graph),

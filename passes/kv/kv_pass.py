@@ -77,13 +77,16 @@ class KVPass(QeffPass):
        repeat their row's last valid write (same slot, same K/V), or write slot 0's old value
        back when the row has none, so duplicate writes are identical in any order.
     2. Each layer's visibility rule is read from its mask on probe positions
-       (:mod:`.visibility`): causal, or a sliding window (the ``sliding_window`` option
-       overrides it for every layer); any other rule is refused, naming the layer. The rule
+       (:mod:`.visibility`): causal, a sliding window (the ``sliding_window`` option
+       overrides it for every layer) or chunked attention; any other rule is refused, naming
+       the layer. The rule
        per layer goes into the manifest (``kv.visibility``).
        The mask comes from ``position_ids`` alone; ``attention_mask`` is removed and any
        ``Shape(attention_mask)`` left (dynamo builds reshape targets from it) reads
        ``input_ids`` instead, which has the same shape.
-    3. ALiBi (MPT) is recomputed for cache slots from the slopes in the graph's ALiBi table.
+    3. ALiBi is recomputed for cache slots from per-head slopes read by evaluating the bias on
+       probe positions (BLOOM computes it from the attention mask), else from a constant ALiBi
+       table (MPT) (:mod:`.bias`); any other bias is refused, naming the layer.
     4. ``logits=last`` gathers the hidden state of each row's last valid token (argmax of
        ``position_ids``) before the lm_head MatMul, so the vocabulary projection runs once.
     5. Inputs become ``input_ids, position_ids``, the key and value cache of each layer in

@@ -7,7 +7,11 @@ shapes are only read back by value name.
 Rules:
 1. Every ``Softmax`` over the last axis anchors a candidate *decomposed* site. Its output must
    reach the A input of a MatMul (the output MatMul), directly or through ``Cast``,
-   ``Identity``, ``Dropout`` or a NaN guard ``Where(IsNaN(p), 0, p)``.
+   ``Identity``, ``Dropout`` or a NaN guard ``Where(IsNaN(p), 0, p)``. A core that runs with
+   its heads folded into the batch (``bmm`` over ``[b*h, S, d]``, BLOOM) is taken when one
+   ``Reshape`` unfolds the scores to ``[b, h, S, T]`` before the Softmax and one folds them
+   back after it, each keeping the last two dims; its query is the ``[b, h, S, d]`` value the
+   folded one was reshaped from.
 2. From the Softmax input the matcher walks up through ``Cast``/``Identity``, ``Add`` (one
    side leads to the score MatMul, the other is an additive term), ``Where`` (masked_fill:
    the condition is the mask) and ``Mul``/``Div`` by a constant scalar (the scale) to a MatMul
@@ -44,6 +48,7 @@ __all__ = ["AttentionSite", "AttentionMatch", "Rejection", "match_attention", "f
            "explain_no_match"]
 
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -105,6 +110,9 @@ class AttentionSite:
     # Attention sinks (gpt-oss): one learned logit per head joined to each row of scores before
     # the Softmax and dropped after it.
     sinks: np.ndarray | None = None
+    # The core runs with heads folded into the batch ([b*h, S, d] through bmm, BLOOM): its
+    # output is [b*h, S, d] and ``query`` is the [b, h, S, d] value the folded one came from.
+    heads_folded: bool = False
 
 
 class _NoMatch(Exception):
@@ -254,6 +262,8 @@ def _reaches_matmul(v: ir.Value | None, depth: int = 8) -> bool:
         return True
     if p.op_type in _SCORE_PATH_OPS or p.op_type == "Tanh":  # Tanh: a soft-cap on the scores
         return any(_reaches_matmul(x, depth - 1) for x in p.inputs)
+    if p.op_type == "Reshape":  # folded heads unfolded (BLOOM); the shape input never leads there
+        return _reaches_matmul(p.inputs[0], depth - 1)
     return False
 
 
@@ -285,8 +295,22 @@ def _layer_of(node: ir.Node) -> int | None:
 
 
 def _sym_eq(a, b) -> bool:
-    """Dims equal, treating unknown (None) as compatible."""
-    return a is None or b is None or a == b
+    """Dims equal, treating unknown (None) as compatible; named dims also when their
+    expressions are (dynamo names a dim ``((seq**2)//seq)``)."""
+    return a is None or b is None or a == b or (isinstance(a, str) and isinstance(b, str) and _same_expression(a, b))
+
+
+@functools.lru_cache(maxsize=256)
+def _same_expression(a: str, b: str) -> bool:
+    """Two dim names that are the same expression of positive integer symbols."""
+    import sympy
+
+    try:
+        names = {n for n in re.findall(r"[A-Za-z_][A-Za-z_0-9]*", a + " " + b)}
+        symbols = {n: sympy.Symbol(n, integer=True, positive=True) for n in names}
+        return sympy.simplify(sympy.sympify(a, locals=symbols) - sympy.sympify(b, locals=symbols)) == 0
+    except (sympy.SympifyError, TypeError, SyntaxError):
+        return False
 
 
 class _Matcher:
@@ -359,6 +383,7 @@ class _Matcher:
         out = softmax.outputs[0]
         output_matmul = None
         sink_slice = None
+        fold_out = fold_in = None
         for _ in range(5):
             nxt = None
             for use in out.uses():
@@ -368,6 +393,8 @@ class _Matcher:
                     break
                 if node.op_type in ("Cast", "Identity", "Dropout") and idx == 0:
                     nxt = node.outputs[0]
+                elif node.op_type == "Reshape" and idx == 0 and fold_out is None:
+                    nxt, fold_out = node.outputs[0], node  # [b, h, S, T] -> [b*h, S, T] (BLOOM's bmm)
                 elif idx == 0 and _drops_last_column(node):  # the sink column leaves (gpt-oss)
                     nxt, sink_slice = node.outputs[0], node
                 elif node.op_type == "Where" and idx in (1, 2):
@@ -414,6 +441,9 @@ class _Matcher:
             if op in ("Cast", "Identity"):
                 v = p.inputs[0]
                 continue
+            if op == "Reshape" and fold_in is None and fold_out is not None:
+                fold_in, v = p, p.inputs[0]  # [b*h, S, T] -> [b, h, S, T]
+                continue
             cap = _softcap(p)
             if cap is not None:
                 # The rewrite applies scale, then the cap, then bias and mask: anything the walk
@@ -457,10 +487,14 @@ class _Matcher:
             raise _NoMatch(f"Softmax input leads to {op} {p.name!r}, not to a score MatMul")
         if score_matmul is None:
             raise _NoMatch("Softmax input is not (a scaled / masked) MatMul")
-        if self._rank(score_matmul.outputs[0]) not in (4, None):
-            raise _NoMatch("Softmax found but its input is not a MatMul of rank 4")
-        if self._rank(output_matmul.outputs[0]) not in (4, None):
-            raise _NoMatch("the output MatMul is not of rank 4")
+        folded = fold_out is not None
+        if folded and fold_in is None:
+            raise _NoMatch(f"the Softmax output is reshaped by {fold_out.name!r} but its input was not")
+        rank = 3 if folded else 4
+        if self._rank(score_matmul.outputs[0]) not in (rank, None):
+            raise _NoMatch(f"Softmax found but its input is not a MatMul of rank {rank}")
+        if self._rank(output_matmul.outputs[0]) not in (rank, None):
+            raise _NoMatch(f"the output MatMul is not of rank {rank}")
 
         # No term with a sentinel constant: fall back to the one fed by attention_mask data.
         if mask is None:
@@ -473,12 +507,14 @@ class _Matcher:
         query = score_matmul.inputs[0]
         key_for_scores = score_matmul.inputs[1]
         value_for_output = output_matmul.inputs[1]
+        if folded:
+            query = self._unfolded_query(query, softmax.inputs[0], (fold_in, fold_out))
         qs = self.shapes.shape(query)
         if qs is None or len(qs) != 4 or not isinstance(qs[1], int) or not isinstance(qs[3], int):
             raise _NoMatch(f"query of the score MatMul has shape {qs}, not [b, n_heads, S, d]")
         n_heads, head_dim = qs[1], qs[3]
         ss = self.shapes.shape(score_matmul.outputs[0])
-        seq = ss[3] if ss is not None and len(ss) == 4 else None
+        seq = ss[-1] if ss is not None and len(ss) in (3, 4) else None  # the scores' key length
 
         _, _, qf = self._walk_layout(query)
         kchain, knodes, kf = self._walk_layout(key_for_scores)
@@ -512,7 +548,35 @@ class _Matcher:
             scale=scale if have_scale else None, n_heads=n_heads, n_kv_heads=n_kv,
             head_dim=head_dim, key_transposed_by=transposed_by,
             key_layout=key_layout, value_layout=value_layout, query_scale=qf, softcap=softcap, sinks=sinks,
+            heads_folded=folded,
         )
+
+    def _unfolded_query(self, query: ir.Value, scores: ir.Value, folds: tuple[ir.Node, ir.Node]) -> ir.Value:
+        """For a core whose heads are folded into the batch (``[b*h, S, d]`` through
+        ``bmm``, BLOOM): the ``[b, h, S, d]`` query it was reshaped from. Each reshape between
+        the 3-D and 4-D forms must keep the last two dims, so it only merges or splits b and h."""
+        ss = self.shapes.shape(scores)
+        if ss is None or len(ss) != 4 or not isinstance(ss[1], int):
+            raise _NoMatch(f"folded-head scores {ss} do not show the head count at dim 1")
+        n_heads = ss[1]
+        for node in folds:
+            a, b = (self.shapes.shape(x) for x in (node.inputs[0], node.outputs[0]))
+            if a is None or b is None or sorted((len(a), len(b))) != [3, 4] \
+                    or not (_sym_eq(a[-1], b[-1]) and _sym_eq(a[-2], b[-2])):
+                raise _NoMatch(f"Reshape {node.name!r} ({a} -> {b}) does not only fold heads into the batch")
+        v = query
+        for _ in range(_WALK_LIMIT):
+            s = self.shapes.shape(v)
+            if s is not None and len(s) == 4:
+                qs3 = self.shapes.shape(query)
+                if s[1] != n_heads or qs3 is None or not (_sym_eq(s[2], qs3[1]) and _sym_eq(s[3], qs3[2])):
+                    raise _NoMatch(f"the folded query {qs3} does not come from a [b, {n_heads}, S, d] value ({s})")
+                return v
+            p = v.producer()
+            if p is None or p.op_type not in ("Reshape", "Cast", "Identity"):
+                break
+            v = p.inputs[0]
+        raise _NoMatch("the folded query is not reshaped from a [b, h, S, d] value")
 
     def _pick_key_value(self, kchain, vchain, n_heads: int, head_dim: int, seq):
         """Pre-repetition K and V from their layout chains; both must agree on the head count."""

@@ -20,7 +20,10 @@ from qeff.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, is_ca
 from qeff.errors import PassOptionError, UnsupportedGraphError
 from qeff.passes.ir.constants import const_array, const_tensor
 from qeff.passes.ir.traversal import ancestors, needed_nodes
-from qeff.passes.kv.visibility import MAX_PROBE, probe_visibility
+from qeff.passes.kv.bias import probe_biases
+from qeff.passes.kv.positions import check_step_positions
+from qeff.passes.kv.probe import MAX_PROBE
+from qeff.passes.kv.visibility import probe_visibility
 from qeff.passes.kv.match import AttentionSite, _layer_of, match_attention
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,6 +45,7 @@ class Layer:
     present_outputs: list[ir.Value]
     alibi_slopes: np.ndarray | None
     window: int | None = None  # sliding window of the visibility the rewrite builds
+    chunk: int | None = None  # or attention in blocks of this many positions
     visibility: str = "causal"  # the rule, as recorded in the manifest
 
 
@@ -93,27 +97,6 @@ def _dynamic_cache_split(v: ir.Value, graph: ir.Graph) -> tuple[ir.Value, list[i
         return None
     presents = [o for o in graph.outputs if o is v]
     return new, [past], presents
-
-
-def _alibi_slopes(site: AttentionSite, term: ir.Value) -> np.ndarray | None:
-    """Per-head slopes of an ALiBi table in ``term``'s ancestry: a constant with a dim of
-    ``n_heads`` that grows linearly along its last axis."""
-    for x in ancestors(term, limit=400):
-        t = const_tensor(x)
-        shape = tuple(t.shape) if t is not None else ()
-        if len(shape) < 2 or shape[-1] < 2 or site.n_heads not in shape:
-            continue  # decided from the shape alone: no other constant is read
-        arr = const_array(x)
-        if arr is None:
-            continue
-        arr = np.asarray(arr, dtype=np.float64)
-        steps = np.diff(arr, axis=-1)
-        if not np.allclose(steps, steps[..., :1], rtol=1e-5, atol=1e-6):
-            continue
-        slopes = steps[..., 0].reshape(-1)
-        if slopes.size == site.n_heads:
-            return slopes
-    return None
 
 
 def _implied_ctx_len(graph: ir.Graph, position_ids: ir.Value | None) -> int | None:
@@ -252,6 +235,10 @@ def _read_visibility(model: ir.Model, layers: list[Layer], options: KVOptions, c
             layer.window, layer.visibility = options.sliding_window, f"sliding window {options.sliding_window} (option)"
         return
     length = min(ctx_len + 1, MAX_PROBE)
+    if length < ctx_len + 1:
+        logger.warning("kv: the masks are probed on %d of the cache's %d positions: a sliding window or chunk "
+                       "wider than %d would not be seen (pass sliding_window=N if the model has one)",
+                       length, ctx_len + 1, length - 1)
     rules = probe_visibility(model, [layer.site for layer in layers], length)
     if rules is None:
         for layer in layers:
@@ -260,11 +247,26 @@ def _read_visibility(model: ir.Model, layers: list[Layer], options: KVOptions, c
     for layer in layers:
         rule = rules[layer.site.layer]
         if rule.kind == "other":
-            raise _fail(f"layer {layer.site.layer}: its mask is not causal or a sliding window: {rule.detail} "
-                        f"(probed on {length} positions)",
-                        "kv rebuilds causal and sliding-window visibility only; this model is not supported")
-        layer.window = rule.window
+            raise _fail(f"layer {layer.site.layer}: its mask is not causal, a sliding window or chunked: "
+                        f"{rule.detail} (probed on {length} positions)",
+                        "kv rebuilds causal, sliding-window and chunked visibility only; this model is not supported")
+        layer.window, layer.chunk = rule.window, rule.chunk
         layer.visibility = str(rule) + (f" (probed on {length} positions)" if length < ctx_len + 1 else "")
+
+
+def _read_biases(model: ir.Model, layers: list[Layer], ctx_len: int) -> None:
+    """Each biased layer's ALiBi slopes (:mod:`.bias`); any other bias is refused by layer."""
+    length = min(ctx_len + 1, MAX_PROBE)
+    rules = probe_biases(model, [layer.site for layer in layers], length)
+    for layer in layers:
+        rule = rules.get(layer.site.layer)
+        if rule is None:
+            continue
+        if rule.slopes is None:
+            raise _fail(f"layer {layer.site.layer}: an additive score bias that is not ALiBi "
+                        f"({layer.site.bias[0].name}: {rule.detail})",
+                        "only ALiBi biases can be recomputed for cache slots")
+        layer.alibi_slopes = rule.slopes
 
 
 def make_plan(model: ir.Model, options: KVOptions) -> Plan:
@@ -310,15 +312,9 @@ def make_plan(model: ir.Model, options: KVOptions) -> Plan:
         if split_k is not None:
             new_key, past, present = split_k[0], split_k[1], split_k[2]
             new_value, past, present = split_v[0], past + split_v[1], present + split_v[2]
-        slopes = None
-        for term in site.bias:
-            slopes = _alibi_slopes(site, term)
-            if slopes is None:
-                raise _fail(f"layer {site.layer}: an additive score bias that is not ALiBi ({term.name})",
-                            "only ALiBi biases can be recomputed for cache slots")
         if len(site.bias) > 1:
             raise _fail(f"layer {site.layer}: {len(site.bias)} additive score biases")
-        layers.append(Layer(site, new_key, new_value, past, present, slopes))
+        layers.append(Layer(site, new_key, new_value, past, present, None))
 
     heads = {(layer.site.n_kv_heads, layer.site.head_dim) for layer in layers}
     if len(heads) != 1:
@@ -341,6 +337,7 @@ def make_plan(model: ir.Model, options: KVOptions) -> Plan:
                               f"use ctx_len >= {seq_dim}")
 
     _read_visibility(model, layers, options, ctx_len)
+    _read_biases(model, layers, ctx_len)
 
     # What survives the rewrite must not need attention_mask (except its shape) or the past.
     substitutes = {}
@@ -352,6 +349,7 @@ def make_plan(model: ir.Model, options: KVOptions) -> Plan:
     roots = [o for o in graph.outputs if id(o) not in present_ids]
     # The nodes the rewritten graph still runs: the attention cores read only Q and the new K/V.
     live = needed_nodes(graph, roots, lambda n: substitutes.get(n, n.inputs))
+    check_step_positions(model, live, ctx_len, _layer_of)
     dynamic = any(layer.past_inputs for layer in layers)
     shape_reads = []
     for x, allowed, owner in _removed_inputs(attention_mask, layers, dynamic):

@@ -83,10 +83,12 @@ def apply_plan(model: ir.Model, plan: Plan, options: KVOptions) -> None:
         if three_d:  # [b, S, h*d] -> [b, h, S, d]
             query = b.op("Transpose", [b.op("Reshape", [query, b.i64(0, 0, s.n_heads, s.head_dim)])], {"perm": [0, 2, 1, 3]})
         biases = [b.alibi(layer.alibi_slopes, np_dtype)] if layer.alibi_slopes is not None else []
-        out = b.attention(query, k_all, v_all, scale, biases, np_dtype, b.visibility(layer.window), s.softcap,
+        out = b.attention(query, k_all, v_all, scale, biases, np_dtype, b.visibility(layer.window, layer.chunk), s.softcap,
                           s.sinks)
         if three_d:
             out = b.op("Reshape", [b.op("Transpose", [out], {"perm": [0, 2, 1, 3]}), b.i64(0, 0, s.n_heads * s.head_dim)])
+        elif s.heads_folded:  # [b, h, S, d] -> [b*h, S, d], as the old core's bmm gave it
+            out = b.op("Reshape", [out, b.op("Concat", [b.i64(-1), b.seq, b.i64(s.head_dim)], {"axis": 0})])
         old = s.output_matmul.outputs[0] if s.output_matmul is not None else s.attention_node.outputs[0]
         replacements.append((old, out))
 

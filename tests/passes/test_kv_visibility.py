@@ -28,9 +28,17 @@ def test_classify_causal_and_windows(n):
         assert (rule.kind, rule.window) == ("window", w)
 
 
+@pytest.mark.parametrize("n", [2, 7, 24])
+def test_classify_chunks(n):
+    for c in range(1, n):
+        rule = classify(_rule(n, lambda q, k: k <= q and k // c == q // c))  # Llama-4 style
+        assert (rule.kind, rule.chunk, str(rule)) == ("chunked", c, f"chunked attention {c}") if c > 1 \
+            else rule.kind == "window"  # blocks of one: each query sees itself, a window of 1
+
+
 def test_classify_other_rules():
-    chunked = classify(_rule(12, lambda q, k: k <= q and k // 4 == q // 4))  # Llama-4 style
-    assert chunked.kind == "other" and chunked.detail == "query 4 sees keys [4]"
+    shifted = classify(_rule(12, lambda q, k: k <= q and (k + 1) // 4 == (q + 1) // 4))  # chunks not from 0
+    assert shifted.kind == "other" and shifted.detail == "query 3 sees keys [3]"
     assert classify(_rule(6, lambda q, k: True)).detail == "query 0 sees keys [0, 1, 2, 3, 4, 5]"
     assert classify(_rule(6, lambda q, k: k < q)).kind == "other"  # a query that cannot see itself
 
@@ -47,7 +55,7 @@ def test_a_mask_no_rule_describes_is_refused_by_layer(tiny_export, tmp_path, exp
     index = next(i for i, v in enumerate(site.mask_node.inputs) if v is site.mask)
     site.mask_node.replace_input_with(index, flipped.outputs[0])
     out = tmp_path / "kv.onnx"
-    with pytest.raises(UnsupportedGraphError, match=r"kv: layer 1: its mask is not causal or a sliding window: "
+    with pytest.raises(UnsupportedGraphError, match=r"kv: layer 1: its mask is not causal, a sliding window or chunked: "
                                                      r"query 0 sees keys \[0, 1, 2, 3, 4, 5, 6, 7, …\]"):
         optimize(model, "kv:ctx_len=32", out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
