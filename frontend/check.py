@@ -35,7 +35,7 @@ def compare_with_onnxruntime(
     tracing length on purpose, so a model that baked in its example shape fails here.
     """
     torch, _ = require_torch()
-    import onnxruntime as ort
+    from qeff.common.onnxrt import onnxruntime_session
 
     vocab = int(model.config.vocab_size)
     generator = torch.Generator().manual_seed(int(seed))
@@ -48,10 +48,8 @@ def compare_with_onnxruntime(
         on_device = {name: value.to(device) for name, value in feeds.items()}
         expected = model(**on_device, use_cache=False).logits.float().cpu().numpy()
 
-    options = ort.SessionOptions()
-    ort.set_default_logger_severity(4)  # failures surface as exceptions, reported as one line
-    options.log_severity_level = 4
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(onnx_path, purpose=" to check it against torch",
+                                  hint="the exporter wrote a graph onnxruntime rejects; try the other --exporter")
     wanted = [i.name for i in session.get_inputs()]
     missing = [name for name in wanted if name not in feeds]
     if missing:

@@ -33,6 +33,7 @@ from qeff.errors import ExportError
 from ._deps import require_torch
 from ._messages import exception_reason
 from .inputs import padded_batch
+from .real_rope import real_valued_rope
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_ir as ir
@@ -180,6 +181,14 @@ def _exportable_experts(model: Any) -> Iterator[None]:
         yield
     finally:
         model.set_experts_implementation(current)
+
+
+@contextlib.contextmanager
+def exportable(model: Any) -> Iterator[None]:
+    """Within the block the model runs on the exportable equivalents of what it uses: experts
+    off ``grouped_mm``, RoPE without complex numbers (:mod:`.real_rope`)."""
+    with _exportable_experts(model), real_valued_rope(model):
+        yield
 
 
 class _Stages:
@@ -596,7 +605,7 @@ def export_causal_lm(
 
         stages.stage(f"Exporting {arch} with {exporter}")
         target = staging.path
-        with exporter_errors(arch, exporter), _quiet_exporter(), _exportable_experts(model), torch.no_grad():
+        with exporter_errors(arch, exporter), _quiet_exporter(), exportable(model), torch.no_grad():
             _run_exporter(wrapper, args, names, target, exporter=exporter, opset=opset, external=external)
         if not target.is_file():
             raise ExportError(f"exporting {arch} with {exporter} failed: the exporter wrote no file")

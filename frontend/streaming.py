@@ -71,7 +71,7 @@ from .export import (
     EXTERNAL_DATA_THRESHOLD,
     FOLD_INPUT_LIMIT,
     _data_commit,
-    _exportable_experts,
+    exportable,
     _quiet_exporter,
     _Stages,
     _wrap,
@@ -620,7 +620,7 @@ def export_folder_streaming(
         stages.stage(f"Tracing {model_type} with {exporter} ({size / 1e6:.1f} MB, weights left on disk)")
         args = example_args(model, names)
         wrapper = _wrap(model).eval()
-        with exporter_errors(model_type, exporter), _quiet_exporter(), _exportable_experts(model), torch.no_grad():
+        with exporter_errors(model_type, exporter), _quiet_exporter(), exportable(model), torch.no_grad():
             onnx_model = _trace(wrapper, args, names, exporter=exporter, opset=opset)
             stages.stage(f"Optimizing {model_type}")
             if exporter == "torchscript":

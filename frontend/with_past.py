@@ -27,7 +27,7 @@ from qeff.errors import ExportError
 
 from ._deps import require_torch
 from ._messages import exception_reason
-from .export import _exportable_experts, _quiet_exporter, takes_position_ids
+from .export import _quiet_exporter, exportable, takes_position_ids
 
 _PAST_LEN = 4
 _SEQ = 3
@@ -85,7 +85,7 @@ def export_with_past(model: Any, output: str | os.PathLike[str], *, opset: int |
     staging = Staging(output)
     try:
         target = staging.path
-        with _quiet_exporter(), _exportable_experts(model), torch.no_grad():
+        with _quiet_exporter(), exportable(model), torch.no_grad():
             torch.onnx.export(
                 _wrapper(model, n_layers).eval(), (ids, mask, pos, past), str(target), dynamo=True,
                 input_names=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *[dynamic_cache_input_name(i, k) for i, k in caches]],
