@@ -656,6 +656,174 @@ def bench_command(
                                                         "rows": [dc.asdict(r) for r in rows]}, indent=2) + "\n")
 
 
+@app.command("tune")
+def tune_command(
+    model: Path = typer.Argument(..., help="a model without a KV cache (.onnx), e.g. an exported encoder"),
+    space_file: Path = typer.Option(..., "--space", help="the search space: the model configurator's JSON (either format)"),
+    objective: Optional[str] = typer.Option(
+        None, "--objective", metavar="max-throughput|min-latency", help="what to optimise (default: the space file's)"),
+    backend: str = typer.Option("aic", "--backend", metavar="aic|cpu",
+                                help="aic: compile and run on the card; cpu: measure with onnxruntime"),
+    grid: bool = typer.Option(False, "--grid", help="measure every point of the space instead of searching"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the compile and run commands; measure nothing"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write every measurement as JSON"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="draw throughput against p99 latency (.png)"),
+    parallel_compiles: int = typer.Option(4, "--parallel-compiles", help="aic: compiles running at once", callback=_count()),
+    workdir: Optional[Path] = typer.Option(
+        None, "--workdir", help="aic: compile folders and run results (default: tune-<model name>); kept, and reused "
+                                "by the next search"),
+    seconds: Optional[float] = typer.Option(
+        None, "--time", help="seconds per point (aic: qaic-runner --time, default 5; cpu: default 1)",
+        callback=_number(above=0.0, high=86400.0)),
+    total_cores: Optional[int] = typer.Option(
+        None, "--total-cores", help="cores that cores × instances must fit in (aic: the card's, default 16; cpu: "
+                                    "threads × instances, default the CPU count)", callback=_count()),
+    device_id: int = typer.Option(0, "--device-id", help="aic: the device qaic-runner runs on", callback=_count(low=0)),
+    define_symbol: Optional[list[str]] = typer.Option(
+        None, "--define-symbol", help="aic: NAME=VALUE for a symbol other than the batch, repeatable (e.g. sequence_length=128)"),
+    multicast_weights: bool = typer.Option(True, "--multicast-weights/--no-multicast-weights",
+                                           help="aic: compile with -multicast-weights"),
+    compiler: Optional[str] = typer.Option(None, "--compiler", help="aic: compiler executable (as qeff compile)"),
+    runner: Optional[str] = typer.Option(None, "--runner", help="aic: qaic-runner (default: $QAIC_RUNNER, then the SDK's)"),
+    hw_version: Optional[str] = typer.Option(None, "--hw-version", help="aic: hardware version (as qeff compile)"),
+    flag: Optional[list[str]] = typer.Option(None, "--flag", help="aic: extra compiler flag, repeatable"),
+    compile_timeout: Optional[float] = typer.Option(None, "--compile-timeout", help="aic: stop a compile after this many seconds",
+                                                    callback=_number(above=0.0)),
+    seq_len: int = typer.Option(128, "--seq-len", help="cpu: sequence length of the generated inputs", callback=_count()),
+    top: int = typer.Option(10, "--top", help="rows of the table (the JSON has every point)", callback=_count()),
+) -> None:
+    """Search compile and run settings for throughput or latency: the Cloud AI model configurator
+    (a local search from each starting point, or --grid), on the card or on onnxruntime."""
+    import json as json_module
+    import os
+
+    from qeff.tune.report import check_plot_path, plot_front, result_json, result_table
+    from qeff.tune.space import load_space
+
+    if backend not in ("aic", "cpu"):
+        raise QeffError(f"unknown backend {backend!r}", "use --backend aic or --backend cpu")
+    from qeff.common.paths import check_output_file, model_files
+
+    taken = model_files(model) | {space_file.resolve()}
+    if json_path is not None:
+        check_output_file(json_path, "--json", taken)
+        taken |= {json_path.resolve()}
+    if plot is not None:
+        check_output_file(plot, "--plot", taken)
+        check_plot_path(plot)
+    cores = total_cores or (16 if backend == "aic" else os.cpu_count() or 1)
+    space = load_space(space_file, backend=backend, total_cores=cores, objective=objective, exhaustive=True if grid else None)
+    defines: dict[str, int] = {}
+    for item in define_symbol or ():
+        name, _, value = item.partition("=")
+        if not name or not value.strip().isdigit():
+            raise QeffError(f"--define-symbol {item!r} is not NAME=VALUE", "e.g. --define-symbol sequence_length=128")
+        defines[name.strip()] = int(value)
+    settings = None
+    if backend == "aic":
+        from qeff.tune.aic import AicSettings
+
+        folder = workdir or Path(f"tune-{model.name.removesuffix('.onnx')}")
+        if folder.exists() and not folder.is_dir():
+            raise QeffError(f"--workdir {folder} is a file", "give a folder (it is created when missing)")
+        settings = AicSettings(model=model, workdir=folder, seconds=seconds or 5.0, device_id=device_id,
+                               parallel_compiles=parallel_compiles, define_symbols=defines,
+                               multicast_weights=multicast_weights, compiler=compiler, runner=runner,
+                               hw_version=hw_version, extra_flags=tuple(flag or ()), compile_timeout=compile_timeout)
+    from qeff.tune import tune_model
+    from qeff.tune.report import describe
+
+    status = console.status("measuring") if not dry_run else None
+    count = 0
+
+    def progress(config: dict, m) -> None:
+        nonlocal count
+        count += 1
+        if status is not None:
+            what = f"{m.inf_per_s:,.1f} inf/s, p50 {m.p50_ms:.3f} ms" if m.ok else "failed"
+            status.update(f"{count} measured; last: {describe(config)}: {what}")
+
+    if status is not None:
+        status.start()
+    try:
+        outcome = tune_model(model, space, dry_run=dry_run, aic=settings, seq_len=seq_len, seconds=seconds or 1.0,
+                             on_result=progress)
+    finally:
+        if status is not None:
+            status.stop()
+    if dry_run:
+        what = "every point of the grid" if space.exhaustive else \
+            f"the {len(space.initial)} starting point{'s' if len(space.initial) != 1 else ''}; the search then moves " \
+            f"to neighbours of the best point measured (at most {space.max_evals} points per start)"
+        console.print(f"dry run: the commands for {what}", markup=False, highlight=False)
+        for line in outcome.plan:
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
+        return
+    result = outcome.result
+    where = "onnxruntime CPU" if backend == "cpu" else "Cloud AI"
+    title = f"qeff tune {model.name} ({where}, {space.objective})"
+    console.print(result_table(outcome.rows, space, title, top))
+    search = "grid" if space.exhaustive else f"local search from {len(space.initial)} starting points"
+    console.print(f"{search}: measured {len(result.evaluated)} of the {result.grid_size} points in the space"
+                  + (f" ({result.reused} reused from earlier runs)" if result.reused else "")
+                  + (f"; compiled {outcome.compiles} QPCs" if backend == "aic" else ""), highlight=False)
+    failed = [r for r in outcome.rows if not r.measurement.ok]
+    if failed:
+        console.print(f"{len(failed)} points failed; first: {describe(failed[0].config)}: {failed[0].measurement.error}",
+                      markup=False, highlight=False, soft_wrap=True)
+    if outcome.best is None:
+        raise QeffError("no point could be measured", "see the failures above (and the logs in the work folder)")
+    console.print(f"best for {space.objective}: {describe(outcome.best.config)}", markup=False, highlight=False)
+    console.print(outcome.best_settings, soft_wrap=True, markup=False, highlight=False)
+    if json_path is not None:
+        from qeff.common.atomic import write_text_atomic
+
+        payload = result_json(result, space, outcome.rows, model=str(model), backend=backend,
+                              best_settings=outcome.best_settings,
+                              extra={"seconds_per_point": seconds or (5.0 if backend == "aic" else 1.0)}
+                              | ({"seq_len": seq_len} if backend == "cpu" else {}))
+        write_text_atomic(json_path, json_module.dumps(payload, indent=2) + "\n")
+    if plot is not None:
+        plot_front(outcome.rows, plot, title)
+    written = [str(p) for p in (json_path, plot) if p is not None]
+    if written:
+        console.print(f"wrote {', '.join(written)}", markup=False, highlight=False)
+
+
+@app.command("latency-stats")
+def latency_stats_command(
+    files: list[Path] = typer.Argument(..., help="qaic-runner's aic-profiling-program-N-latency.txt files"),
+    keep_middle: Optional[float] = typer.Option(
+        None, "--keep-middle", metavar="PCT", help="keep the middle PCT percent of each file's inferences (drop as many "
+                                                   "from its start as from its end)", callback=_number(above=0.0, high=100.0)),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the table as JSON"),
+) -> None:
+    """Latency percentiles (mean, min, 50, 75, 90, 95, 99, max, in ms) of every latency column of
+    qaic-runner's --aic-profiling-type latency files, all files combined."""
+    import json as json_module
+
+    from qeff.tune.latency import TOTAL, format_stats, latency_stats
+
+    if json_path is not None:
+        from qeff.common.paths import check_output_file
+
+        check_output_file(json_path, "--json", files)
+    table = latency_stats(files, keep_middle)
+    stats = table.stats()
+    console.print(f"{len(files)} file{'s' if len(files) != 1 else ''} combined, {table.inferences} inferences"
+                  + (f" (the middle {keep_middle:g} % of each)" if keep_middle is not None else ""), highlight=False)
+    for line in format_stats(stats):
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+    if TOTAL in stats:
+        console.print(f"{TOTAL}: mean {stats[TOTAL]['mean']:.3f} ms", highlight=False)
+    if json_path is not None:
+        from qeff.common.atomic import write_text_atomic
+
+        write_text_atomic(json_path, json_module.dumps({"files": [str(f) for f in files], "keep_middle": keep_middle,
+                                                        "inferences": table.inferences, "stats_ms": stats},
+                                                       indent=2) + "\n")
+
+
 @app.command("eval")
 def eval_command(
     model: Path = typer.Argument(..., help="an .onnx model: a plain export or a KV model from qeff-opt"),

@@ -5,7 +5,9 @@ thread each (onnxruntime releases the GIL while it computes; the CPU threads are
 the instances), every one calling ``run`` on the same random batch for ``duration`` seconds after
 a warm-up call. Reported per configuration: inferences/s (samples, i.e. batch rows, per second
 over all instances), calls, and the latency of one call at p50/p90/p99 — the numbers the card's
-throughput runs report, so CPU and card can be compared.
+throughput runs report, so CPU and card can be compared. ``threads`` (intra-op threads per
+session, instead of the even split) and ``opt_level`` (onnxruntime's graph optimisation level,
+0 none … 3 all) are the knobs ``qeff tune`` searches.
 """
 
 from __future__ import annotations
@@ -55,11 +57,13 @@ def encoder_feeds(names_types: Sequence[tuple[str, np.dtype, tuple]], batch: int
     return feeds
 
 
-def _sessions(model: Path, count: int):
+def _sessions(model: Path, count: int, threads: int | None = None, opt_level: int | None = None):
     from qeff.common.onnxrt import onnxruntime_session
 
-    threads = max(1, (os.cpu_count() or 1) // count)  # the CPU is shared between the instances
-    return [onnxruntime_session(model, purpose=" for qeff bench", threads=threads) for _ in range(count)]
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // count)  # the CPU is shared between the instances
+    return [onnxruntime_session(model, purpose=" for qeff bench", threads=threads, level=opt_level)
+            for _ in range(count)]
 
 
 def _is_whole(value: object) -> bool:
@@ -75,7 +79,8 @@ def _check_counts(values: Sequence[int], what: str, example: str) -> None:
 
 
 def bench_model(model: str | os.PathLike, batch_sizes: Sequence[int], instances: Sequence[int], *,
-                seq_len: int = 128, duration: float = 2.0) -> list[BenchRow]:
+                seq_len: int = 128, duration: float = 2.0, threads: int | None = None,
+                opt_level: int | None = None) -> list[BenchRow]:
     _check_counts(batch_sizes, "batch size", "--batch-size 1,4,8")
     _check_counts(instances, "instance count", "--instances 1,2")
     if not _is_whole(seq_len) or seq_len < 1:
@@ -84,12 +89,16 @@ def bench_model(model: str | os.PathLike, batch_sizes: Sequence[int], instances:
     if isinstance(duration, bool) or not isinstance(duration, numbers.Real) or not math.isfinite(duration) \
             or duration <= 0:
         raise QeffError(f"duration {duration!r} must be a finite number of seconds above 0", "e.g. --duration 2")
+    if threads is not None and (not _is_whole(threads) or threads < 1):
+        raise QeffError(f"threads {threads!r} must be a whole number >= 1", "e.g. 2")
+    if opt_level is not None and (not _is_whole(opt_level) or not 0 <= opt_level <= 3):
+        raise QeffError(f"opt_level {opt_level!r} must be 0, 1, 2 or 3", "3 is onnxruntime's default")
     path = Path(model)
     if not path.is_file():
         raise QeffError(f"model {path} does not exist", "give an .onnx file")
     rows = []
     for n in instances:
-        sessions = _sessions(path, n)
+        sessions = _sessions(path, n, threads, opt_level)
         specs = [(i.name, np.dtype({"tensor(int64)": np.int64, "tensor(int32)": np.int32,
                                     "tensor(float)": np.float32}.get(i.type, np.int64)), tuple(i.shape))
                  for i in sessions[0].get_inputs()]

@@ -32,6 +32,7 @@ def test_wheel_maps_stage_folders_into_qeff(wheel):
         "qeff/__init__.py", "qeff/entry.py", "qeff/cli.py", "qeff/errors.py",
         "qeff/frontend/export.py", "qeff/passes/cleanup.py", "qeff/passes/fold.py",
         "qeff/backend_aic/__init__.py", "qeff/runtime/__init__.py", "qeff/evaluation/evaluate.py",
+        "qeff/tune/__init__.py", "qeff/tune/search.py",
         # the reference model is package data: qeff export --reference and qeff eval need it installed
         "qeff/reference/train.py", "qeff/reference/checkpoint/model.safetensors",
         "qeff/reference/checkpoint/config.json", "qeff/reference/checkpoint/tokenizer.json",

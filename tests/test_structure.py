@@ -3,7 +3,7 @@
 - Stages import the contract and the shared helpers, never each other: the pipeline order
   (frontend → passes → backend_aic → runtime) is carried by files on disk, not by imports.
 - The passes never import torch (or anything that imports it behind their back).
-- What sits above the stages (``qeff.verify``, ``qeff.optimizer``, the CLI, the demos) may
+- What sits above the stages (``qeff.verify``, ``qeff.optimizer``, ``qeff.tune``, the CLI, the demos) may
   import them; nothing in a stage imports it.
 - The KV cache input name is spelled in the contract module and nowhere else.
 """
@@ -20,7 +20,7 @@ STAGES = {"frontend": "qeff.frontend", "passes": "qeff.passes", "backend_aic": "
           "runtime": "qeff.runtime"}
 SHARED = ("qeff.contract", "qeff.errors", "qeff.common")
 ABOVE = ("qeff.verify", "qeff.evaluation", "qeff.reference", "qeff.optimizer", "qeff.cli", "qeff.demo",
-         "qeff.demo_encoder", "qeff.demo_reference")
+         "qeff.demo_encoder", "qeff.demo_reference", "qeff.tune")
 # Imported by a module of a stage: another stage, anything above the stages, and for the
 # passes torch and onnxruntime's tools package (whose __init__ imports torch).
 FORBIDDEN = {

@@ -16,7 +16,7 @@ from qeff.errors import VerificationError
 
 def onnxruntime_session(model: str | os.PathLike | bytes, providers: Sequence[str] | None = None, *,
                         purpose: str = "", hint: str | None = None, optimize: bool = True,
-                        threads: int | None = None, prepack: bool = True):
+                        threads: int | None = None, prepack: bool = True, level: int | None = None):
     """An onnxruntime ``InferenceSession`` (warnings silenced).
 
     ``optimize=False`` turns graph optimisations off, for graphs whose every node must run as
@@ -24,6 +24,8 @@ def onnxruntime_session(model: str | os.PathLike | bytes, providers: Sequence[st
     ``prepack=False`` keeps MatMul weights where onnxruntime maps them from the external-data
     file instead of copying each into a packed buffer: the weights then live once, in the page
     cache, and a one-row MatMul (a decode step) does not use the packing anyway.
+    ``level`` (0 none, 1 basic, 2 extended, 3 all) sets the graph optimisation level and
+    overrides ``optimize``.
     """
     import onnxruntime as ort
 
@@ -34,6 +36,9 @@ def onnxruntime_session(model: str | os.PathLike | bytes, providers: Sequence[st
     options.log_severity_level = 4
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if level is not None:
+        levels = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[level])
     if threads is not None:
         options.intra_op_num_threads = threads
     if not prepack:

@@ -5,7 +5,8 @@ It checks the flags it receives the way the real compiler of its flavour would (
 checks the files it is pointed at, and writes ``<binary dir>/programqpc.bin``. Environment:
 ``STANDIN_FAIL`` (exit 3 after some log lines), ``STANDIN_SLEEP`` (seconds to sleep first),
 ``STANDIN_OLD_SDK`` (reject the named specializations format as SDKs before it did),
-``STANDIN_COUNT`` (a file that gets one line per run).
+``STANDIN_COUNT`` (a file that gets one line per run), ``STANDIN_RECORD_FLAGS`` (also write the
+flags it got as ``<binary dir>/standin-flags.json``, for a stand-in runner to read).
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ if os.environ.get("STANDIN_FAIL"):
     fail("Graph compilation failed: out of memory on core 3", code=3)
 binary.mkdir(parents=True)
 (binary / "programqpc.bin").write_bytes(b"stand-in qpc " + flavour.encode())
+if os.environ.get("STANDIN_RECORD_FLAGS"):
+    (binary / "standin-flags.json").write_text(json.dumps(flags))
 print("Compilation complete", flush=True)
 '''
 
