@@ -21,6 +21,7 @@ from qeff.backend_aic.compiler import build_command, find_compiler
 from qeff.backend_aic.files import (
     custom_io_yaml,
     mdp_json,
+    prefill_count,
     specializations,
     specializations_json,
 )
@@ -106,7 +107,7 @@ def _compose_files(info: Any, o: ResolvedOptions) -> tuple[dict[str, str], dict[
     specs = specializations(info, o)
     if specs and specs[0]:
         names["specializations"] = SPECIALIZATIONS_NAME
-        texts[SPECIALIZATIONS_NAME] = specializations_json(specs, o.specializations_format)
+        texts[SPECIALIZATIONS_NAME] = specializations_json(specs, o.specializations_format, prefill_count(info))
     if info.has_kv or o.custom_io:
         names["custom_io"] = CUSTOM_IO_NAME
         texts[CUSTOM_IO_NAME] = custom_io_yaml(info, o.kv_precision, o.custom_io)

@@ -23,6 +23,7 @@ from typing import Any
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
+from qeff.contract import COMP_CTX_LENGTHS, NUM_LOGITS_TO_KEEP
 from qeff.errors import PassOptionError, UnsupportedGraphError
 from qeff.passes.ir.aot_ops import replace_rejected_ops
 from qeff.passes.infra.base import INT32_MAX, QeffPass, QeffPassResult, parse_option_value
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 _FOLD_LIMIT = 1 << 16
 _MAX_ROUNDS = 4
 _DECLARED = ("batch_size", "seq_len", "ctx_len", "full_batch_size")
+# Symbols of the decode-time passes' inputs (spec, ccl): kept as symbols, bound with name=size.
+_DECODE_TIME = (NUM_LOGITS_TO_KEEP, COMP_CTX_LENGTHS)
 # What plain exports call the decoder symbols; renamed to the declared names.
 _ALIASES = {"batch": "batch_size", "seq": "seq_len"}
 # A sign is let through so that a negative size is refused as a size, not as an unknown option.
@@ -169,7 +172,7 @@ class FixedPass(QeffPass):
                 )
             for n in names:
                 bindings[n] = size
-        symbols = [*_DECLARED, *(s for s in self.options.symbols if s not in _DECLARED)]
+        symbols = [*_DECLARED, *_DECODE_TIME, *(s for s in self.options.symbols if s not in (*_DECLARED, *_DECODE_TIME))]
         return bindings, symbols
 
     @staticmethod

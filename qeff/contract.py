@@ -53,6 +53,10 @@ BATCH_SIZE = "batch_size"
 SEQ_LEN = "seq_len"
 CTX_LEN = "ctx_len"
 FULL_BATCH_SIZE = "full_batch_size"
+# Decode-time inputs and their specialization symbols (QEfficient's names): how many logits rows
+# a speculative-decoding target returns, and the compute context lengths attention reads.
+NUM_LOGITS_TO_KEEP = "num_logits_to_keep"
+COMP_CTX_LENGTHS = "comp_ctx_lengths"
 
 # ONNX metadata the export writes: the checkpoint folder a model came from (its tokenizer is
 # found there by ``qeff eval``). Passes carry metadata through, so rewritten models keep it.
@@ -180,6 +184,9 @@ class Manifest:
     fp16: dict[str, Any] | None = None
     custom_io: dict[str, str] = dataclasses.field(default_factory=dict)
     node_precision_info: str | None = None
+    spec: dict[str, Any] | None = None  # speculative-decoding target: {"k": [K, ...]}
+    ccl: dict[str, Any] | None = None  # compute context lengths: {"prefill": [...], "decode": [...]}
+    subfunctions: dict[str, Any] | None = None  # outlined layer functions: {"functions": [...], ...}
     # {manifest field: (file suffix, text)}: written beside the model, the field then names it.
     side_files: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -277,6 +284,9 @@ _SCHEMA: dict[str, Any] = {
     "fp16": _OBJECT,
     "custom_io": _mapping_of(_TEXT, "precisions"),
     "node_precision_info": _file_name,
+    "spec": _OBJECT,
+    "ccl": _OBJECT,
+    "subfunctions": _OBJECT,
 }
 
 

@@ -12,13 +12,19 @@
 - Refused before the first call: a prefill length below 1 or above the cache's ``ctx_len``, a
   token id that is negative, beyond int64 or outside the vocabulary (when the model says how
   large it is), and a prompt or a generation that does not fit ``ctx_len``.
+- Speculative decoding (``speculative=PromptLookup(k=3)`` or ``DraftModel(draft, k=3)``, greedy
+  only, on a target rewritten with ``spec``): see :mod:`qeff.runtime.speculative`. The stats then
+  also count target calls, proposed and accepted tokens.
+- A model rewritten with ``ccl`` (a ``comp_ctx_lengths`` input) gets, at every call, the smallest
+  compute context length above the largest position in the batch, so attention reads no more
+  of the cache than the positions need.
 - Stats: time to first token (the first prefill), decode tokens/s, total tokens/s, end-to-end.
 """
 
 from __future__ import annotations
 
 __all__ = ["GenerationResult", "GenerationStats", "generate", "Sampler", "context_length", "vocab_size",
-           "prefill_length", "full_batch_size"]
+           "prefill_length", "full_batch_size", "compute_context_lengths", "pick_ccl"]
 
 import collections
 import dataclasses
@@ -26,12 +32,17 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qeff.contract import BATCH_INDEX, CTX_LEN, INPUT_IDS, LOGITS, POSITION_IDS, SEQ_LEN
+from qeff.contract import (BATCH_INDEX, COMP_CTX_LENGTHS, CTX_LEN, INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP,
+                           POSITION_IDS, SEQ_LEN)
 from qeff.errors import QeffError
 from qeff.runtime.session import Session
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qeff.runtime.speculative import Proposer
 
 
 @dataclasses.dataclass
@@ -43,6 +54,17 @@ class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_tokens: int = 0  # tokens from decode steps (the first token of each prompt comes from prefill)
+    target_calls: int = 0  # decode calls of the model (speculative: each checks a row's proposals)
+    proposed_tokens: int = 0  # speculative: proposals sent to the target
+    accepted_tokens: int = 0  # speculative: proposals the target agreed with
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        return self.decode_tokens / self.target_calls if self.target_calls else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -54,7 +76,8 @@ class GenerationStats:
 
     def as_dict(self) -> dict[str, float]:
         return {**dataclasses.asdict(self), "decode_tokens_per_s": self.decode_tokens_per_s,
-                "total_tokens_per_s": self.total_tokens_per_s}
+                "total_tokens_per_s": self.total_tokens_per_s, "acceptance_rate": self.acceptance_rate,
+                "tokens_per_target_call": self.tokens_per_target_call}
 
 
 @dataclasses.dataclass
@@ -215,7 +238,7 @@ def generate(session: Session, prompts: Sequence[Sequence[int]], max_new_tokens:
              prefill_len: int | None = None, eos_token_id: int | Sequence[int] | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              stream: Callable[[int, int], None] | None = None, reset: bool = True,
-             keep_logits: bool = False) -> GenerationResult:
+             keep_logits: bool = False, speculative: Proposer | None = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens for each prompt (see the module docstring)."""
     # Everything a caller can get wrong is refused here, before the first call to the model.
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -233,11 +256,15 @@ def generate(session: Session, prompts: Sequence[Sequence[int]], max_new_tokens:
     ctx = context_length(session)
     chunk = prefill_length(session, prefill_len, ctx)
     _check_fits(session, prompts, max_new_tokens, ctx)
+    if speculative is not None:
+        _check_speculative(session, speculative, temperature, prompts)
     if reset:
         session.reset()
     run = _Runner(session, chunk, sampler, eos, max_new_tokens, stream, keep_logits)
     start = time.perf_counter()
-    if BATCH_INDEX in names:
+    if speculative is not None:
+        run.speculative(prompts, speculative)
+    elif BATCH_INDEX in names:
         run.continuous(prompts)
     else:
         run.batch(prompts)
@@ -245,6 +272,56 @@ def generate(session: Session, prompts: Sequence[Sequence[int]], max_new_tokens:
     run.stats.prompt_tokens = sum(len(p) for p in prompts)
     run.stats.generated_tokens = sum(len(t) for t in run.tokens)
     return GenerationResult(run.tokens, run.stats, run.finished, run.logits if keep_logits else None)
+
+
+def _check_speculative(session: Session, proposer: Proposer, temperature: float,
+                       prompts: Sequence[Sequence[int]]) -> None:
+    if NUM_LOGITS_TO_KEEP not in session.input_names:
+        raise QeffError("speculative decoding needs a target that returns several logits rows",
+                        "rewrite the model with qeff-opt --passes kv,spec")
+    if temperature:
+        raise QeffError("speculative decoding accepts proposals greedily; temperature must be 0",
+                        "drop the sampling options, or decode without speculative=")
+    if BATCH_INDEX in session.input_names:
+        raise QeffError("speculative decoding runs batches of prompts, not continuous batching",
+                        "rewrite the target without continuous_batching")
+    static = _static_dim(session, INPUT_IDS, 1)
+    if static is not None and static != proposer.k + 1:
+        raise QeffError(f"the target's sequence length is fixed at {static}, a step of k={proposer.k} needs "
+                        f"{proposer.k + 1}", f"use k={static - 1}")
+    draft = getattr(proposer, "session", None)
+    if draft is not None:
+        if BATCH_INDEX in draft.input_names:
+            raise QeffError("the draft model has continuous batching", "rewrite the draft without it")
+        a, b = vocab_size(session), vocab_size(draft)
+        if a and b and a != b:
+            raise QeffError(f"the draft's vocabulary ({b}) is not the target's ({a})",
+                            "use a draft model with the target's tokenizer")
+        _check_fits(draft, prompts, 1)
+
+
+def compute_context_lengths(session: Session) -> dict[str, list[int]] | None:
+    """``{"prefill": [...], "decode": [...]}`` for a model with a ``comp_ctx_lengths`` input:
+    the session's own (``ccl``, from the manifest), else every value its specializations set."""
+    if COMP_CTX_LENGTHS not in session.input_names:
+        return None
+    lists = getattr(session, "ccl", None)
+    if lists:
+        return {phase: sorted(int(c) for c in lists[phase]) for phase in ("prefill", "decode")}
+    values = sorted({int(s[COMP_CTX_LENGTHS]) for s in session.specializations if s.get(COMP_CTX_LENGTHS)})
+    ctx = context_length(session)
+    values = values or ([ctx] if ctx else [])
+    if not values:
+        raise QeffError("the model reads comp_ctx_lengths but no compute context length is known",
+                        "run it with the manifest ccl wrote beside it")
+    return {"prefill": values, "decode": values}
+
+
+def pick_ccl(lengths: Sequence[int], positions: np.ndarray) -> int:
+    """The smallest compute context length above every position of the call (the last one
+    when none is: the cache's own length)."""
+    top = int(positions.max(initial=-1))
+    return next((c for c in lengths if c > top), lengths[-1])
 
 
 class _Runner:
@@ -259,6 +336,8 @@ class _Runner:
         self.tokens: list[list[int]] = []
         self.logits: list[list[np.ndarray]] = []
         self.finished: list[bool] = []
+        self.keeps_logits_rows = NUM_LOGITS_TO_KEEP in session.input_names
+        self.ccl = compute_context_lengths(session)
 
     def _start(self, prompts: int) -> None:
         self.tokens, self.finished = [[] for _ in range(prompts)], [False] * prompts
@@ -277,10 +356,17 @@ class _Runner:
             return True
         return len(self.tokens[prompt]) >= self.max_new
 
-    def _call(self, ids: np.ndarray, pos: np.ndarray, batch_index: np.ndarray | None = None) -> np.ndarray:
+    def _call(self, ids: np.ndarray, pos: np.ndarray, batch_index: np.ndarray | None = None,
+              rows: int = 1, prefill: bool = False) -> np.ndarray:
+        """One call; ``rows`` logits rows per sequence from a ``spec`` model (1 otherwise)."""
         feeds = {INPUT_IDS: ids, POSITION_IDS: pos}
         if batch_index is not None:
             feeds[BATCH_INDEX] = batch_index
+        if self.keeps_logits_rows:
+            feeds[NUM_LOGITS_TO_KEEP] = np.zeros((rows, 1), np.int64)
+        if self.ccl is not None:
+            lengths = self.ccl["prefill" if prefill else "decode"]
+            feeds[COMP_CTX_LENGTHS] = np.zeros(pick_ccl(lengths, pos), np.int64)
         return self.session.run(feeds)[LOGITS]
 
     def _pick(self, logits: np.ndarray, row: int, index: int, prompt: int) -> int:
@@ -305,7 +391,7 @@ class _Runner:
                 part = list(p[c * self.chunk:(c + 1) * self.chunk])
                 ids[r, :len(part)] = part
                 pos[r, :len(part)] = np.arange(c * self.chunk, c * self.chunk + len(part))
-            logits = self._call(ids, pos, batch_index)
+            logits = self._call(ids, pos, batch_index, prefill=True)
             for r, p in enumerate(prompts):
                 if c * self.chunk < len(p) <= (c + 1) * self.chunk:
                     first[r] = self._pick(logits, r, len(p) - 1 - c * self.chunk, owners[r])
@@ -327,10 +413,55 @@ class _Runner:
                     ids[r, 0], pos[r, 0] = self.tokens[r][-1], positions[r]
                     positions[r] += 1
             logits = self._call(ids, pos)
+            self.stats.target_calls += 1
             for r in range(b):
                 if not done[r]:
                     done[r] = self._emit(r, self._pick(logits, r, 0, r))
                     self.stats.decode_tokens += 1
+        self.stats.decode_s = time.perf_counter() - started
+
+    def speculative(self, prompts: Sequence[Sequence[int]], proposer: Proposer) -> None:
+        """Greedy speculative decoding (:mod:`qeff.runtime.speculative`)."""
+        b, k = len(prompts), proposer.k
+        ctx = context_length(self.session) or math.inf
+        self._start(b)
+        proposer.start(b)
+        started = time.perf_counter()
+        first = self._prefill(list(prompts))
+        self.stats.prefill_s = self.stats.ttft_s = time.perf_counter() - started
+        done = [self._emit(r, first[r]) for r in range(b)]
+        texts = [list(p) + [first[r]] for r, p in enumerate(prompts)]
+        started = time.perf_counter()
+        while not all(done):
+            active = [r for r in range(b) if not done[r]]
+            # Room for proposals: no position past the cache, no more tokens than asked for.
+            limits = {r: int(max(0, min(k, ctx - len(texts[r]), self.max_new - len(self.tokens[r]) - 1)))
+                      for r in active}
+            proposals = proposer.propose({r: texts[r] for r in active}, limits)
+            ids = np.full((b, k + 1), -1, np.int64)
+            pos = np.full((b, k + 1), -1, np.int64)
+            for r in active:
+                p = list(proposals.get(r, []))[:limits[r]]
+                proposals[r] = p
+                n = len(texts[r]) - 1
+                ids[r, :len(p) + 1] = [texts[r][-1], *p]
+                pos[r, :len(p) + 1] = np.arange(n, n + len(p) + 1)
+            logits = self._call(ids, pos, rows=k + 1)
+            self.stats.target_calls += 1
+            for r in active:
+                p = proposals[r]
+                accepted = 0
+                for i in range(len(p) + 1):
+                    token = self._pick(logits, r, i, r)
+                    texts[r].append(token)
+                    self.stats.decode_tokens += 1
+                    done[r] = self._emit(r, token)
+                    if done[r] or i == len(p) or token != p[i]:
+                        break
+                    accepted += 1
+                self.stats.proposed_tokens += len(p)
+                self.stats.accepted_tokens += accepted
+                proposer.accepted(r, len(texts[r]), len(p), accepted)
         self.stats.decode_s = time.perf_counter() - started
 
     def continuous(self, prompts: Sequence[Sequence[int]]) -> None:
@@ -363,6 +494,7 @@ class _Runner:
             t0 = time.perf_counter()
             logits = self._call(ids, pos, np.arange(slots, dtype=np.int64).reshape(-1, 1))
             self.stats.decode_s += time.perf_counter() - t0
+            self.stats.target_calls += 1
             for slot, prompt in list(active.items()):
                 position[slot] += 1
                 self.stats.decode_tokens += 1

@@ -119,6 +119,7 @@ class OrtSession(Session):
         self.ctx_len = ctx_len if ctx_len is not None else (manifest.ctx_len if manifest else None)
         self.full_batch_size = full_batch_size if full_batch_size is not None else (
             manifest.full_batch_size if manifest else None)
+        self.ccl = manifest.ccl if manifest else None  # compute context lengths, when ccl rewrote the model
         self._state: dict[str, Any] = {}  # past input -> OrtValue read by the next call
         self._spare: dict[str, Any] = {}  # past input -> OrtValue the next call writes
         self._rows: int | None = None

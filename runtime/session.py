@@ -61,7 +61,8 @@ class Session(abc.ABC):
     @property
     def input_names(self) -> list[str]:
         """The inputs ``run`` needs (retained-state inputs excluded)."""
-        return [i.name for i in self.inputs if i.name not in self.retained]
+        retained = self.retained  # once: it is computed from the specs at every read
+        return [i.name for i in self.inputs if i.name not in retained]
 
     @property
     def output_names(self) -> list[str]:

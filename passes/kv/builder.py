@@ -68,10 +68,17 @@ class KVGraphBuilder(GraphBuilder):
         self.has_valid4 = self.unsqueeze(self.op("GreaterOrEqual", [last, zero], what="has_valid"), 2, 3)  # [b,1,1,1]
         self.continuous = batch_index is not None
 
-        # Cache row of each batch entry [b, 1]: batch_index, else 0..b-1.
+        # Cache row of each batch entry [b, 1]: batch_index, else 0..b-1. An unused entry
+        # (batch_index -1, as a serving loop sends for idle rows) reads row 0 and writes exactly
+        # what a used entry (the one with the highest row) writes: a -1 index would address the
+        # last row, and identical duplicate writes leave the cache as the used entry leaves it.
         if batch_index is not None:
-            self.rows = batch_index
-            self.rows_flat = self.op("Squeeze", [batch_index, self.i64(1)], what="rows")
+            self.rows = self.op("Max", [batch_index, self.const(np.int64(0))], what="rows_in_range")
+            self.rows_flat = self.op("Squeeze", [self.rows, self.i64(1)], what="rows")
+            unused = self.op("Less", [batch_index, self.const(np.int64(0))], what="unused_row")
+            self.unused4 = self.unsqueeze(unused, 2, 3)  # [b, 1, 1, 1]
+            self.donor = self.op("Reshape", [self.op("ArgMax", [batch_index], {"axis": 0, "keepdims": 1}), self.i64(1)],
+                                 what="donor_row")  # [1]
         else:
             b_scalar = self.op("Squeeze", [self.batch, self.i64(0)])
             self.rows_flat = self.op("Range", [self.const(np.int64(0)), b_scalar, self.const(np.int64(1))], what="rows")
@@ -93,8 +100,14 @@ class KVGraphBuilder(GraphBuilder):
             heads = self.op("Expand", [self.const(np.arange(n_kv, dtype=np.int64).reshape(1, n_kv, 1)), target])
             slots = self.op("Expand", [self.unsqueeze(self.slot, 1), target])  # [b,1,S] -> [b,h,S]
             parts = [self.unsqueeze(x, 3) for x in (rows, heads, slots)]
-            self._indices[n_kv] = self.op("Concat", parts, {"axis": 3}, f"indices_h{n_kv}")
+            self._indices[n_kv] = self._from_donor(self.op("Concat", parts, {"axis": 3}, f"indices_h{n_kv}"))
         return self._indices[n_kv]
+
+    def _from_donor(self, x: ir.Value) -> ir.Value:
+        """Continuous batching: unused entries take the donor entry's ``x`` [b, ...]."""
+        if not self.continuous:
+            return x
+        return self.op("Where", [self.unused4, self.op("Gather", [x, self.donor], {"axis": 0}), x], what="from_donor")
 
     def last_new_indices(self, n_kv: int) -> ir.Value:
         """GatherND(batch_dims=2) indices [b, n_kv, 1, 1]: each row's last valid token."""
@@ -122,7 +135,7 @@ class KVGraphBuilder(GraphBuilder):
         if self.continuous:
             old0 = self.op("Gather", [old0, self.rows_flat], {"axis": 0}, "old_slot0_rows")  # [b,h,1,d]
         pad_value = self.op("Where", [self.has_valid4, last_new, old0], what="pad_value")
-        update = self.op("Where", [self.is_pad4, pad_value, new], what="update")
+        update = self._from_donor(self.op("Where", [self.is_pad4, pad_value, new], what="update"))
         retained = self.tape.op("ScatterND", [past, idx, update], name=self._name("cache_write"))
         retained.name = retained_name
         retained.dtype = past.dtype

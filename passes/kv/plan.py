@@ -7,7 +7,7 @@ anything the rewrite could not reproduce is refused here with one line naming th
 
 from __future__ import annotations
 
-__all__ = ["Layer", "Plan", "make_plan", "refuse_static_cache"]
+__all__ = ["Layer", "Plan", "make_plan", "refuse_static_cache", "find_lm_head"]
 
 import dataclasses
 import logging
@@ -172,7 +172,7 @@ def _step_inputs(graph: ir.Graph) -> dict[str, ir.Value | None]:
     return found
 
 
-def _lm_head(logits: ir.Value) -> tuple[ir.Node | None, list[ir.Value]]:
+def find_lm_head(logits: ir.Value) -> tuple[ir.Node | None, list[ir.Value]]:
     """The MatMul whose output reaches ``logits`` through per-token ops only, and the values
     on that path (lm_head output first)."""
     path = [logits]
@@ -367,7 +367,7 @@ def make_plan(model: ir.Model, options: KVOptions) -> Plan:
                 f"{x.name} is still needed ({what}, by {use.node.op_type} {use.node.name!r}{at}) outside the attention cores",
                 "the model uses it for something other than attention; export it without that use",
             )
-    lm_head, path = _lm_head(logits) if options.logits == "last" else (None, [])
+    lm_head, path = find_lm_head(logits) if options.logits == "last" else (None, [])
     compute = layers[0].site.query.dtype or ir.DataType.FLOAT
     return Plan(input_ids, position_ids, attention_mask, layers, logits, lm_head, path, ctx_len, compute,
                  shape_reads)
