@@ -101,6 +101,8 @@ def build_command(compiler: Compiler, info: ModelInfo, o: ResolvedOptions, folde
         cmd.append("-convert-to-fp16")
     if o.mxfp6:
         cmd.append("-mxfp6-matmul")
+    if o.sub_functions:
+        cmd.append("-sub-functions")
     cmd.append(f"-aic-num-cores={o.num_cores}")
     cmd.extend(f"-onnx-define-symbol={name},{value}" for name, value in o.define_symbols)
     if o.multicast_weights:

@@ -72,6 +72,8 @@ class ResolvedOptions:
     multicast_weights: bool
     stats_batchsize: int | None
     custom_io: tuple[tuple[str, str], ...]
+    # The model's layers are ONNX functions (the subfunctions pass): -sub-functions.
+    sub_functions: bool = False
 
 
 def _count(name: str, value: object, low: int = 1, hint: str | None = None) -> int | None:
@@ -182,6 +184,7 @@ def resolve_options(options: CompileOptions, info: ModelInfo) -> ResolvedOptions
         node_precision_info=node_precision, convert_to_fp16=options.convert_to_fp16,
         define_symbols=defines, multicast_weights=options.multicast_weights, stats_batchsize=options.stats_batchsize,
         custom_io=tuple(options.custom_io.items()),
+        sub_functions=bool((manifest.subfunctions or {}).get("functions")),
     )
 
 

@@ -8,7 +8,8 @@ Layout (each pass family in its own subpackage, single-file passes as plain modu
 - ``cleanup``, ``fold``, ``fixed``: single-file passes;
 - ``kv``: the KV-cache pass (match → plan → rewrite, and the ops it builds);
 - ``fp16``: the fp16clip pass (masks, calibration) and the fp16 simulation;
-- ``mx``: the MX kernel and the MX weight and KV-cache passes.
+- ``mx``: the MX kernel and the MX weight and KV-cache passes;
+- ``subfunctions``: outlining repeated decoder layers into ONNX functions.
 
 Importing this package registers every built-in pass in ``PASS_REGISTRY``. Nothing here
 imports another stage (the runtime, the backend) or torch.
@@ -16,6 +17,7 @@ imports another stage (the runtime, the backend) or torch.
 
 from __future__ import annotations
 
+from qeff.passes.ccl import CCLPass
 from qeff.passes.cleanup import CleanupPass
 from qeff.passes.fixed import FixedPass
 from qeff.passes.fold import FoldPass
@@ -27,6 +29,8 @@ from qeff.passes.ir.model_io import as_ir_model, load_model, save_model
 from qeff.passes.kv.kv_pass import KVPass
 from qeff.passes.mx.kv import MXINT8KVPass
 from qeff.passes.mx.weights import MXFP4Pass, MXFP6Pass, MXFP8Pass, MXINT8Pass
+from qeff.passes.subfunctions.subfunctions_pass import SubfunctionsPass
+from qeff.passes.spec import SpecPass
 
 __all__ = [
     "PASS_REGISTRY",
@@ -35,6 +39,7 @@ __all__ = [
     "NoOptions",
     "get_pass",
     "describe_options",
+    "CCLPass",
     "CleanupPass",
     "FixedPass",
     "FP16ClipPass",
@@ -45,6 +50,8 @@ __all__ = [
     "MXFP8Pass",
     "MXINT8Pass",
     "MXINT8KVPass",
+    "SubfunctionsPass",
+    "SpecPass",
     "PipelineResult",
     "run_passes",
     "default_output_path",

@@ -11,6 +11,7 @@ record what it did:
   their fields when it is built, from text or from Python (:func:`check_options`);
 - ``requires``: passes that must have run before (in this pipeline or an earlier one);
 - ``once``: the pass may be applied to a model at most once;
+- ``last``: no pass may follow it (``subfunctions``: later passes would see only the main graph);
 - ``lossy``: the pass changes the model's numbers by design (quantization);
 - ``progress``: set by the manager when a progress bar may be shown (passes that walk every
   weight show one through :func:`qeff.common.progress.bytes_progress`).
@@ -72,6 +73,8 @@ class QeffPass(ir.passes.InPlacePass):
     Options: ClassVar[type] = NoOptions
     requires_passes: ClassVar[tuple[str, ...]] = ()
     once: ClassVar[bool] = False
+    # No pass may run after this one (it moves the graph where other passes do not look).
+    last: ClassVar[bool] = False
     # The pass changes the model's numbers by design (quantization): --verify then reports the
     # difference and fails only on NaN/Inf, unless a tolerance is given.
     lossy: ClassVar[bool] = False

@@ -9,7 +9,8 @@ Order rules (checked before anything runs):
 - every name must be registered;
 - a pass listed in another's ``requires_passes`` must have run earlier, in this pipeline or in
   one already applied to the model (recorded in the model's ``qeff.passes`` metadata);
-- a ``once`` pass may appear only once across both.
+- a ``once`` pass may appear only once across both;
+- no pass may follow a ``last`` pass.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qeff.errors import PassOptionError, PassSequenceError
-from qeff.passes.infra.base import QeffPass, get_pass
+from qeff.passes.infra.base import PASS_REGISTRY, QeffPass, get_pass
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,10 @@ def validate_sequence(passes: Sequence[QeffPass], history: Sequence[dict[str, An
     """Raise PassSequenceError if the pipeline breaks an order rule (module docstring)."""
     done = [h["name"] for h in history]
     for p in passes:
+        final = next((n for n in done if n in PASS_REGISTRY and PASS_REGISTRY[n].last), None)
+        if final is not None:
+            raise PassSequenceError(f"pass {p.name!r} cannot run after {final!r}, which must be the last pass",
+                                    f"run {p.name} before {final}")
         for needed in p.requires_passes:
             if needed not in done:
                 raise PassSequenceError(
