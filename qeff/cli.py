@@ -63,6 +63,17 @@ class _State:
     program = "qeff"
 
 
+def _define_symbols(items: Optional[list[str]]) -> dict[str, int]:
+    """``--define-symbol NAME=VALUE`` options as a dict (models without a KV cache)."""
+    defines: dict[str, int] = {}
+    for item in items or ():
+        name, _, value = item.partition("=")
+        if not name or not value.strip().isdigit():
+            raise QeffError(f"--define-symbol {item!r} is not NAME=VALUE", "e.g. --define-symbol sequence_length=128")
+        defines[name.strip()] = int(value)
+    return defines
+
+
 def _set_debug(debug: bool) -> None:
     if debug:
         _State.debug = True
@@ -496,12 +507,7 @@ def compile_command(
             device_ids = tuple(int(d) for d in devices.split(",") if d.strip())
         except ValueError:
             raise QeffError(f"--devices {devices}: not a list of numbers", "e.g. --devices 0,1") from None
-    defines: dict[str, int] = {}
-    for item in define_symbol or ():
-        name, _, value = item.partition("=")
-        if not name or not value.strip().isdigit():
-            raise QeffError(f"--define-symbol {item!r} is not NAME=VALUE", "e.g. --define-symbol sequence_length=128")
-        defines[name.strip()] = int(value)
+    defines = _define_symbols(define_symbol)
     io: dict[str, str] = {}
     for item in custom_io or ():
         name, _, precision = item.partition("=")
@@ -713,12 +719,7 @@ def tune_command(
         check_plot_path(plot)
     cores = total_cores or (16 if backend == "aic" else os.cpu_count() or 1)
     space = load_space(space_file, backend=backend, total_cores=cores, objective=objective, exhaustive=True if grid else None)
-    defines: dict[str, int] = {}
-    for item in define_symbol or ():
-        name, _, value = item.partition("=")
-        if not name or not value.strip().isdigit():
-            raise QeffError(f"--define-symbol {item!r} is not NAME=VALUE", "e.g. --define-symbol sequence_length=128")
-        defines[name.strip()] = int(value)
+    defines = _define_symbols(define_symbol)
     settings = None
     if backend == "aic":
         from qeff.tune.aic import AicSettings

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from qeff.common.atomic import Staging
+from qeff.common.atomic import save_figure_atomic
 from qeff.errors import QeffError
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -76,12 +76,4 @@ def plot_weight_errors(per_pass: Mapping[str, Mapping[str, Mapping[str, Any]]], 
     top.grid(True, alpha=0.3)
     bottom.grid(True, alpha=0.3)
     figure.tight_layout()
-    path = Path(path)
-    staging = Staging(path)  # a plot that fails half-way leaves no file, an older one intact
-    try:
-        figure.savefig(staging.path, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
-        staging.commit()
-    finally:
-        staging.discard()
-        plt.close(figure)
-    return path
+    return save_figure_atomic(figure, path, dpi=100)

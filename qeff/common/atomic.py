@@ -13,13 +13,14 @@ Rules:
   :func:`published` says which, for the "interrupted" message.
 - Staging folders and temporary files carry the writer's host and process id; one left by a
   killed run on this host is removed by the next writer in that folder.
-- :func:`write_text_atomic` writes one small text file through a uniquely named temporary file.
+- :func:`write_text_atomic` writes one small text file through a uniquely named temporary file;
+  :func:`save_figure_atomic` a matplotlib figure through a staging file.
 """
 
 from __future__ import annotations
 
-__all__ = ["Staging", "write_text_atomic", "signals_deferred", "published", "forget_published", "unique_data_name",
-           "remove_stale_staging", "STAGING_PREFIX"]
+__all__ = ["Staging", "write_text_atomic", "save_figure_atomic", "signals_deferred", "published", "forget_published",
+           "unique_data_name", "remove_stale_staging", "STAGING_PREFIX"]
 
 import contextlib
 import logging
@@ -33,6 +34,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -199,4 +201,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def save_figure_atomic(figure: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Save a matplotlib ``figure`` to ``path`` (format from the suffix, PNG without one) and
+    close it; a plot that fails half-way leaves no file and an older one intact."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    staging = Staging(path)
+    try:
+        figure.savefig(staging.path, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+        staging.commit()
+    finally:
+        staging.discard()
+        plt.close(figure)
     return path

@@ -130,7 +130,7 @@ def plot_front(rows: Sequence[Row], path: str | Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qeff.common.atomic import Staging
+    from qeff.common.atomic import save_figure_atomic
 
     ok = [r for r in rows if r.measurement.ok and math.isfinite(r.measurement.p99_ms)]
     front = pareto_front(rows)
@@ -153,12 +153,4 @@ def plot_front(rows: Sequence[Row], path: str | Path, title: str) -> Path:
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    path = Path(path)
-    staging = Staging(path)  # a plot that fails half-way leaves no file, an older one intact
-    try:
-        figure.savefig(staging.path, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
-        staging.commit()
-    finally:
-        staging.discard()
-        plt.close(figure)
-    return path
+    return save_figure_atomic(figure, path, dpi=110)
