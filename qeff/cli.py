@@ -284,12 +284,9 @@ def _check_plot(plot: Path, pipeline: list) -> None:
     if not any(getattr(p, "fmt", "") for p in pipeline):
         raise QeffError("--plot draws the per-weight error of an MX pass, and none is in --passes",
                         "add mxfp6, mxfp4, mxfp8 or mxint8, or drop --plot")
-    if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise QeffError(f"--plot {plot}: unknown image type", "name it .png, .svg or .pdf")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise QeffError("--plot needs matplotlib", "pip install matplotlib (or the package's [plot] extra)") from None
+    from qeff.common.paths import check_plot_file
+
+    check_plot_file(plot)
 
 
 opt_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -703,7 +700,8 @@ def tune_command(
     import json as json_module
     import os
 
-    from qeff.tune.report import check_plot_path, plot_front, result_json, result_table
+    from qeff.common.paths import check_plot_file
+    from qeff.tune.report import plot_front, result_json, result_table
     from qeff.tune.space import load_space
 
     if backend not in ("aic", "cpu"):
@@ -716,7 +714,7 @@ def tune_command(
         taken |= {json_path.resolve()}
     if plot is not None:
         check_output_file(plot, "--plot", taken)
-        check_plot_path(plot)
+        check_plot_file(plot)
     cores = total_cores or (16 if backend == "aic" else os.cpu_count() or 1)
     space = load_space(space_file, backend=backend, total_cores=cores, objective=objective, exhaustive=True if grid else None)
     defines = _define_symbols(define_symbol)

@@ -19,7 +19,7 @@ import onnx_ir as ir
 from qeff.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, is_cache_input, is_retained_output
 from qeff.errors import PassOptionError, UnsupportedGraphError
 from qeff.passes.ir.constants import const_array, const_tensor
-from qeff.passes.ir.traversal import ancestors, needed_nodes
+from qeff.passes.ir.traversal import needed_nodes
 from qeff.passes.kv.bias import probe_biases
 from qeff.passes.kv.positions import check_step_positions
 from qeff.passes.kv.probe import MAX_PROBE

@@ -8,13 +8,13 @@ overwrite another file of the run, and a path that cannot be written fails befor
 
 from __future__ import annotations
 
-__all__ = ["check_output_file", "model_files", "NAME_MAX"]
+__all__ = ["check_output_file", "check_plot_file", "model_files", "NAME_MAX"]
 
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from qeff.errors import OutputPathError
+from qeff.errors import OutputPathError, QeffError
 
 # The longest file name most file systems take, in bytes.
 NAME_MAX = 255
@@ -61,3 +61,15 @@ def check_output_file(path: str | os.PathLike, what: str, protected: Iterable[st
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"{what}: folder {out.parent} is not writable", "choose another path")
     return out
+
+
+def check_plot_file(path: str | os.PathLike) -> None:
+    """Fail before any work when a plot cannot be written there: an image type matplotlib
+    writes (.png, .svg, .pdf), and matplotlib installed."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise QeffError(f"--plot {path}: unknown image type", "name it .png, .svg or .pdf")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise QeffError("--plot needs matplotlib", "pip install matplotlib (or the package's [plot] extra)") from None

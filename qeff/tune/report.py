@@ -9,7 +9,7 @@ beside its path and renamed into place, so a failure leaves no half file.
 
 from __future__ import annotations
 
-__all__ = ["Row", "rank", "pareto_front", "result_table", "result_json", "plot_front", "check_plot_path", "describe"]
+__all__ = ["Row", "rank", "pareto_front", "result_table", "result_json", "plot_front", "describe"]
 
 import dataclasses
 import logging
@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qeff.errors import QeffError
+from qeff.common.paths import check_plot_file
 from qeff.tune.search import Measurement, SearchResult, score
 from qeff.tune.space import Space
 
@@ -112,19 +112,9 @@ def result_json(result: SearchResult, space: Space, rows: Sequence[Row], *, mode
     }
 
 
-def check_plot_path(path: Path) -> None:
-    """Fail before any work when the plot cannot be written."""
-    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise QeffError(f"--plot {path}: unknown image type", "name it .png, .svg or .pdf")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise QeffError("--plot needs matplotlib", "pip install matplotlib (or the package's [plot] extra)") from None
-
-
 def plot_front(rows: Sequence[Row], path: str | Path, title: str) -> Path:
     """Throughput against p99 latency: every measured point, the Pareto front joined, the best ringed."""
-    check_plot_path(Path(path))
+    check_plot_file(path)
     import matplotlib
 
     matplotlib.use("Agg")
